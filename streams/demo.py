@@ -1,0 +1,151 @@
+"""`speakerflow demo`: the whole system on one machine, from enrollment to rows in PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+from streams.broker import start_embedded_broker
+from streams.client import follow, play_audio, publish_enrollment, wait_for
+from streams.database import migrate, resolve_database_url
+from streams.runtime import Publisher
+from streams.scenario import librispeech_scenario
+from streams.settings import Settings
+from streams.topics import create_topics
+
+COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m"]
+RESET = "\033[0m"
+
+
+def format_segment(seg: dict, colour: bool = True) -> str:
+    who = seg["name"] if seg["speaker_id"] else "UNKNOWN"
+    tint = COLOURS[int(seg["label"][-2:]) % len(COLOURS)] if colour and seg["label"][-2:].isdigit() else ""
+    state = "final" if seg["is_final"] else "live "
+    rev = f" rev {seg['revision']}" if seg["revision"] else ""
+    return (
+        f"{seg['stream_id']} [{seg['start_s']:7.2f} – {seg['end_s']:7.2f} s] {seg['label']} → "
+        f"{tint}{who:<12}{RESET if tint else ''} confidence {seg['confidence']:.2f} "
+        f"(score {seg['score']:.2f}) {state}{rev}"
+    )
+
+
+def run_demo(settings: Settings, realtime: bool = True, turns: int = 10) -> int:
+    data_dir = Path(settings.shared_data_dir)
+    print(f"speakerflow demo — speech from {data_dir}")
+    scenario = librispeech_scenario(data_dir, turns=turns)
+    data = Path(settings.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    broker = start_embedded_broker(log_path=data / "broker.log")
+    settings = replace(settings, bootstrap_servers=broker.bootstrap_servers, broker_profile="embedded")
+    print(f"• embedded broker (Tansu) on {broker.bootstrap_servers}")
+    url, embedded_pg = resolve_database_url(settings.database_url, settings.data_dir)
+    print(f"• PostgreSQL: {'embedded, ' + url if embedded_pg else 'DATABASE_URL'}")
+    worker = None
+    try:
+        create_topics(settings)
+        migrate(url)
+        worker = _start_worker(settings, url, data / "worker.log")
+        print(f"• worker started (pid {worker.pid}, log {data / 'worker.log'})")
+        _enroll(settings, scenario.enrollments)
+        stream_id = f"demo-{int(time.time())}"
+        pace = "real time" if realtime else "as fast as possible"
+        print(
+            f"• playing a {scenario.duration_s:.0f}-s conversation of 4 voices ({pace}) as stream "
+            f"{stream_id}; {', '.join(scenario.enrollments)} are enrolled, {len(scenario.reference)} turns\n"
+        )
+        _play_and_show(settings, stream_id, scenario.audio, realtime, worker)
+        _summarise(url, stream_id, embedded_pg is not None)
+        return 0
+    finally:
+        if worker is not None:
+            worker.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(timeout=30)
+            if worker.poll() is None:
+                worker.kill()
+        broker.stop()
+        if embedded_pg:
+            embedded_pg.stop()
+        print("• stopped worker, broker" + (" and embedded PostgreSQL" if embedded_pg else ""))
+
+
+def _start_worker(settings: Settings, database_url: str, log_path: Path) -> subprocess.Popen:
+    env = os.environ | {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "SPEAKERFLOW_BROKER_PROFILE": "embedded",
+        "DATABASE_URL": database_url,
+    }
+    log = open(log_path, "w")  # noqa: SIM115 - owned by the child process
+    return subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def _enroll(settings: Settings, enrollments: dict[str, list[Path]]) -> None:
+    publisher = Publisher(settings)
+    for speaker_id, files in enrollments.items():
+        request_id = publish_enrollment(publisher, speaker_id, speaker_id, files)
+        result = wait_for(
+            settings,
+            settings.topic("enrollment.results"),
+            "EnrollmentResult",
+            lambda r, rid=request_id: r["request_id"] == rid,
+            timeout_s=180,
+        )
+        verdict = "accepted" if result["accepted"] else f"REJECTED: {result['reason']}"
+        print(
+            f"• enrolled {speaker_id} from {len(files)} files: {verdict} "
+            f"({result['speech_seconds']:.1f} s speech, quality {result['quality']:.2f})"
+        )
+
+
+def _play_and_show(
+    settings: Settings, stream_id: str, audio: np.ndarray, realtime: bool, worker: subprocess.Popen
+) -> None:
+    finished_at: list[float] = []
+
+    def play() -> None:
+        play_audio(Publisher(settings), stream_id, audio, realtime=realtime)
+        finished_at.append(time.monotonic())
+
+    def give_up() -> bool:  # the worker died, or the last segments are long overdue
+        return worker.poll() is not None or bool(finished_at and time.monotonic() > finished_at[0] + 30)
+
+    threading.Thread(target=play, daemon=True).start()
+    last_end = len(audio) / 16000
+    topic = settings.topic("segments.identified")
+    for seg in follow(settings, topic, "IdentifiedSegment", stop=give_up):
+        if seg["stream_id"] != stream_id or not seg["is_final"]:
+            continue
+        print(format_segment(seg, colour=sys.stdout.isatty()), flush=True)
+        if seg["end_s"] >= last_end - 1.5:
+            break
+    if worker.poll() is not None:
+        raise RuntimeError(f"the worker exited with code {worker.returncode}; see its log")
+
+
+def _summarise(url: str, stream_id: str, embedded: bool) -> None:
+    time.sleep(1.0)  # the sink commits in batches
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT name, count(*), round(sum(end_s - start_s)::numeric, 1) FROM segments "
+            "WHERE stream_id = %s AND is_final GROUP BY name ORDER BY 3 DESC",
+            (stream_id,),
+        ).fetchall()
+    print(f"\n• PostgreSQL now holds the segments of {stream_id}:")
+    for name, count, seconds in rows:
+        print(f"    {name:<12} {count:3d} segments {seconds:6.1f} s")
+    print(f"  List them again: .venv/bin/speakerflow db segments --stream {stream_id}")
+    if embedded:
+        print("  (the embedded PostgreSQL stopped with the demo; that command starts it again)")
+    else:
+        print(f'  or: psql "$DATABASE_URL" -c "SELECT * FROM segments WHERE stream_id = \'{stream_id}\'"')

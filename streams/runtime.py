@@ -1,0 +1,197 @@
+"""The consume-process-produce loop every processor of a worker runs in its own thread.
+
+Delivery is at-least-once: a batch's outputs are produced and flushed, and only then are its input
+offsets committed. A message that cannot be processed goes to the dead-letter topic with its
+coordinates and the reason, and its offset is committed with the batch: bad input never blocks a
+partition, and good input is never skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from schemas import codec
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_EXCERPT_BYTES = 1024
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Publisher:
+    """Avro-encoding producer shared by the processors of a worker (librdkafka is thread-safe)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer = Producer(settings.producer_config())
+        self._errors: list[str] = []
+
+    def publish(self, topic: str, key: str | bytes | None, record_name: str, record: dict | None) -> None:
+        """Produce `record` (None = tombstone) to the full topic name `topic`."""
+        value = None if record is None else codec.encode(record_name, record)
+        self._send(topic, key, value)
+
+    def _send(self, topic: str, key: str | bytes | None, value: bytes | None) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, key=key, value=value, on_delivery=self._delivered)
+                return
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self._producer.poll(0.1)
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Serve delivery callbacks without blocking (call now and then while producing a lot)."""
+        self._producer.poll(timeout_s)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait for every record to be acknowledged; raises if any failed (so offsets stay put)."""
+        remaining = self._producer.flush(timeout_s)
+        if remaining:
+            raise KafkaException(f"{remaining} records not delivered within {timeout_s} s")
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise KafkaException(f"delivery failed: {errors[:3]}")
+
+    def dead_letter(self, msg: Message, processor: str, error: BaseException) -> None:
+        value = msg.value() or b""
+        record = {
+            "source_topic": msg.topic() or "",
+            "source_partition": msg.partition() or 0,
+            "source_offset": msg.offset() or 0,
+            "key": msg.key(),
+            "processor": processor,
+            "error_class": type(error).__name__,
+            "error_message": str(error)[:2000],
+            "payload_excerpt": value[:PAYLOAD_EXCERPT_BYTES],
+            "failed_at_ms": now_ms(),
+        }
+        self.publish(self.settings.topic("deadletter"), msg.key(), "DeadLetter", record)
+
+
+@dataclass
+class Metrics:
+    """Counters of one worker, by name (e.g. `deadletter.diarize`, `chunks`)."""
+
+    counters: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def inc(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += amount
+
+
+class Processor:
+    """One stage: subclasses set `role` and `topics` and implement `handle`."""
+
+    role: str = ""
+    topics: tuple[str, ...] = ()
+    max_batch: int = 64
+
+    def handle(self, messages: list[Message], publisher: Publisher) -> None:
+        raise NotImplementedError
+
+    def tick(self, publisher: Publisher) -> None:
+        """Called after every poll, also when nothing arrived (timers, idle streams)."""
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Partitions moved to another worker: drop their state."""
+
+
+class ProcessorThread(threading.Thread):
+    def __init__(self, processor: Processor, settings: Settings, publisher: Publisher) -> None:
+        super().__init__(name=f"speakerflow-{processor.role}", daemon=True)
+        self.processor = processor
+        self.settings = settings
+        self.publisher = publisher
+        self.stopping = threading.Event()
+        self.assigned = threading.Event()
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        consumer = Consumer(self.settings.consumer_config(self.settings.group(self.processor.role)))
+        topics = [self.settings.topic(t) for t in self.processor.topics]
+        consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self.stopping.is_set():
+                messages = consumer.consume(num_messages=self.processor.max_batch, timeout=0.1)
+                good = [m for m in messages if not self._is_error(m)]
+                if good:
+                    self.processor.handle(good, self.publisher)
+                self.processor.tick(self.publisher)
+                if good:
+                    self.publisher.flush()
+                    consumer.commit(asynchronous=False)
+        except BaseException as exc:  # a bug or a lost broker: stop this worker loudly, commit nothing
+            self.failure = exc
+            log.exception("processor %s failed", self.processor.role)
+        finally:
+            consumer.close()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("%s assigned %s", self.processor.role, [f"{p.topic}[{p.partition}]" for p in partitions])
+        self.assigned.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.processor.on_revoke(partitions)
+
+    @staticmethod
+    def _is_error(msg: Message) -> bool:
+        if msg.error() is None:
+            return False
+        log.warning("consumer error: %s", msg.error())
+        return True
+
+
+def decode_or_dead_letter(
+    msg: Message, record_name: str, role: str, publisher: Publisher, metrics: Metrics
+) -> dict[str, Any] | None:
+    """The decoded value, or None after sending the message to the dead-letter topic."""
+    try:
+        if msg.value() is None:
+            raise codec.SchemaError(f"{record_name}: empty value (tombstone) where a record was expected")
+        return codec.decode(record_name, msg.value())
+    except codec.SchemaError as exc:
+        send_to_dead_letter(msg, role, exc, publisher, metrics)
+        return None
+
+
+def send_to_dead_letter(
+    msg: Message, role: str, error: BaseException, publisher: Publisher, metrics: Metrics
+) -> None:
+    log.warning(
+        "dead letter from %s[%s]@%s (%s): %s", msg.topic(), msg.partition(), msg.offset(), role, error
+    )
+    metrics.inc(f"deadletter.{role}")
+    publisher.dead_letter(msg, role, error)
+
+
+def run_until(
+    stop: threading.Event,
+    threads: list[ProcessorThread],
+    poll_s: float = 0.2,
+    on_idle: Callable[[], None] | None = None,
+) -> None:
+    """Block until `stop` is set or a processor thread dies."""
+    while not stop.is_set():
+        dead = [t for t in threads if not t.is_alive()]
+        if dead:
+            raise RuntimeError(f"processor {dead[0].processor.role} stopped: {dead[0].failure!r}")
+        if on_idle:
+            on_idle()
+        stop.wait(poll_s)

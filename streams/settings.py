@@ -1,0 +1,200 @@
+"""All configuration, read from environment variables with documented defaults.
+
+This is the only place that reads the environment. Everything below `streams/` receives plain
+values, so `processors/` and `gallery/` stay free of configuration and I/O.
+
+Broker profiles keep broker-specific tuning out of production: ``embedded`` (the Tansu broker used by
+`make demo` and the tests) shortens session and fetch timeouts and sends one record per producer batch;
+``kafka`` (the default) uses librdkafka's stock values, which is what an Apache Kafka cluster wants.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": name, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- Kafka -------------------------------------------------------------------------------------
+    bootstrap_servers: str = _env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka bootstrap servers.")
+    broker_profile: str = _env(
+        "SPEAKERFLOW_BROKER_PROFILE", "kafka", "`kafka` (Apache Kafka defaults) or `embedded` (Tansu tuning)."
+    )
+    security_protocol: str = _env(
+        "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: str = _env("KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    sasl_username: str = _env("KAFKA_SASL_USERNAME", "", "SASL user name.")
+    sasl_password: str = _env("KAFKA_SASL_PASSWORD", "", "SASL password (never logged).")
+    ssl_ca_location: str = _env("KAFKA_SSL_CA_LOCATION", "", "CA bundle for SSL/SASL_SSL.")
+    ssl_certificate_location: str = _env("KAFKA_SSL_CERTIFICATE_LOCATION", "", "Client certificate (mTLS).")
+    ssl_key_location: str = _env("KAFKA_SSL_KEY_LOCATION", "", "Client key (mTLS).")
+    session_timeout_ms: int = _env(
+        "KAFKA_SESSION_TIMEOUT_MS", 0, "Consumer session timeout; 0 = profile default (45000 / 10000)."
+    )
+    fetch_wait_max_ms: int = _env(
+        "KAFKA_FETCH_WAIT_MAX_MS", 0, "Longest a fetch waits for data; 0 = profile default (500 / 20)."
+    )
+    producer_linger_ms: int = _env(
+        "KAFKA_PRODUCER_LINGER_MS", -1, "Producer linger; -1 = profile default (5 / 0)."
+    )
+    producer_max_batch_size: int = _env(
+        "KAFKA_PRODUCER_MAX_BATCH_MESSAGES", 0, "Records per producer batch; 0 = profile default (10000 / 1)."
+    )
+    topic_prefix: str = _env("SPEAKERFLOW_TOPIC_PREFIX", "speakerflow", "Prefix of every topic name.")
+    partitions: int = _env("SPEAKERFLOW_PARTITIONS", 4, "Partitions of the keyed topics when we create them.")
+    replication_factor: int = _env("SPEAKERFLOW_REPLICATION_FACTOR", 1, "Replication of created topics.")
+    group_prefix: str = _env("SPEAKERFLOW_GROUP_PREFIX", "speakerflow", "Prefix of consumer group ids.")
+
+    # --- PostgreSQL --------------------------------------------------------------------------------
+    database_url: str = _env(
+        "DATABASE_URL", "", "PostgreSQL URL; empty = embedded PostgreSQL under SPEAKERFLOW_DATA_DIR."
+    )
+    data_dir: str = _env(
+        "SPEAKERFLOW_DATA_DIR", str(REPO_ROOT / ".data"), "Where embedded services keep data."
+    )
+
+    # --- Models ------------------------------------------------------------------------------------
+    embedder: str = _env(
+        "SPEAKERFLOW_EMBEDDER", "ge2e", "`ge2e` (offline default, weights in the wheel) or `ecapa`."
+    )
+    embedding_model_path: str = _env(
+        "EMBEDDING_MODEL_PATH", "", "Local SpeechBrain ECAPA directory; empty = hub id (needs internet)."
+    )
+    device: str = _env("SPEAKERFLOW_DEVICE", "auto", "`auto`, `cpu` or `cuda:N`.")
+    torch_threads: int = _env("SPEAKERFLOW_TORCH_THREADS", 0, "CPU threads for inference; 0 = all cores.")
+    batch_max_size: int = _env("SPEAKERFLOW_BATCH_MAX_SIZE", 64, "Most windows per embedding batch.")
+    batch_max_wait_ms: int = _env("SPEAKERFLOW_BATCH_MAX_WAIT_MS", 20, "Longest a window waits for a batch.")
+
+    # --- Diarization -------------------------------------------------------------------------------
+    window_s: float = _env("SPEAKERFLOW_WINDOW_S", 1.5, "Embedding window length (seconds).")
+    hop_s: float = _env("SPEAKERFLOW_HOP_S", 0.75, "Hop between windows (seconds).")
+    vad_threshold: float = _env("SPEAKERFLOW_VAD_THRESHOLD", 0.5, "Silero speech probability threshold.")
+    new_speaker_threshold: float = _env(
+        "SPEAKERFLOW_NEW_SPEAKER_DISTANCE", 0.35, "Cosine distance above which a window opens a new speaker."
+    )
+    idle_timeout_s: float = _env(
+        "SPEAKERFLOW_IDLE_TIMEOUT_S", 30.0, "A stream with no chunk for this long is ended."
+    )
+
+    # --- Matching ----------------------------------------------------------------------------------
+    match_threshold: float = _env(
+        "SPEAKERFLOW_MATCH_THRESHOLD", 0.0, "Cosine score to accept a match; 0 = the embedder's default."
+    )
+    top_k: int = _env("SPEAKERFLOW_TOP_K", 3, "Candidates reported with each identified segment.")
+
+    # --- Runtime -----------------------------------------------------------------------------------
+    log_level: str = _env("SPEAKERFLOW_LOG_LEVEL", "INFO", "Python log level.")
+    shared_data_dir: str = _env(
+        "SPEAKERFLOW_SHARED_DATA",
+        str(REPO_ROOT.parent / "shared" / "data"),
+        "Speech data folder (manifest.csv).",
+    )
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `env` (default: os.environ); keyword overrides win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if f.name in overrides:
+                values[f.name] = overrides[f.name]
+            elif name in env:
+                values[f.name] = _parse(type(f.default), env[name], name)
+        return cls(**values)
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_profile == "embedded"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}.{name}"
+
+    def group(self, role: str) -> str:
+        return f"{self.group_prefix}-{role}"
+
+    def kafka_common(self) -> dict[str, Any]:
+        """librdkafka settings shared by producers, consumers and admin clients."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v})
+        return conf
+
+    def producer_config(self) -> dict[str, Any]:
+        embedded = self.embedded
+        linger = self.producer_linger_ms if self.producer_linger_ms >= 0 else (0 if embedded else 5)
+        batch = self.producer_max_batch_size or (1 if embedded else 10000)
+        conf = self.kafka_common() | {
+            "acks": "all",
+            "linger.ms": linger,
+            "batch.num.messages": batch,
+            "compression.type": "none" if embedded else "lz4",
+        }
+        # Idempotence is what production wants; Tansu's idempotent producer support is not relied on.
+        conf["enable.idempotence"] = not embedded
+        return conf
+
+    def consumer_config(self, group_id: str | None) -> dict[str, Any]:
+        embedded = self.embedded
+        conf = self.kafka_common() | {
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": self.session_timeout_ms or (10000 if embedded else 45000),
+            "fetch.wait.max.ms": self.fetch_wait_max_ms or (20 if embedded else 500),
+            "enable.partition.eof": False,
+        }
+        if embedded:
+            conf["heartbeat.interval.ms"] = 1000
+        if group_id is not None:
+            conf["group.id"] = group_id
+        else:
+            # A group-less reader (gallery table): librdkafka still wants a group id; it never commits.
+            conf["group.id"] = f"{self.group_prefix}-reader-{os.getpid()}"
+        return conf
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict with secrets masked, safe to log."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            secret = "password" in f.name or (f.name == "database_url" and "@" in str(value))
+            out[f.metadata["env"]] = "***" if secret and value else value
+        return out
+
+
+def _parse(kind: type, raw: str, name: str) -> Any:
+    try:
+        if kind is bool:
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def config_table() -> str:
+    """The configuration table of the README (markdown), generated from the fields above."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        default = f.default if f.name not in {"data_dir", "shared_data_dir"} else f"`{f.name}` (see text)"
+        rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)

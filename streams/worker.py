@@ -1,0 +1,115 @@
+"""A worker process: the gallery table plus the stages it was asked to run, until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from gallery.matcher import Gallery, Matcher
+from processors.embedding import Embedder, load_embedder
+from processors.scoring import default_calibration
+from streams.database import migrate
+from streams.diarize import DiarizeProcessor
+from streams.gallery_table import GalleryTable
+from streams.match import MatchProcessor
+from streams.requests import EnrollProcessor, VerifyProcessor
+from streams.runtime import Metrics, ProcessorThread, Publisher, run_until
+from streams.settings import Settings
+from streams.sink import PostgresSink
+from streams.topics import create_topics
+
+log = logging.getLogger(__name__)
+
+ALL_ROLES = ("diarize", "match", "enroll", "verify", "sink")
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        roles: tuple[str, ...] = ALL_ROLES,
+        database_url: str = "",
+        embedder: Embedder | None = None,
+    ) -> None:
+        unknown = set(roles) - set(ALL_ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles {sorted(unknown)}; choose from {ALL_ROLES}")
+        if "sink" in roles and not database_url:
+            raise ValueError("the sink role needs a database URL")
+        self.settings = settings
+        self.roles = roles
+        self.database_url = database_url
+        self.metrics = Metrics()
+        self.stop_event = threading.Event()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.embedder = embedder or load_embedder(
+            settings.embedder, settings.device, settings.embedding_model_path
+        )
+        self.calibration = default_calibration(self.embedder.model_id, settings.match_threshold)
+        self.gallery = Gallery(self.embedder.model_id, self.embedder.dim)
+        self.matcher = Matcher(self.gallery, self.calibration, top_k=settings.top_k)
+        self.publisher = Publisher(settings)
+        self.gallery_table = GalleryTable(settings, self.gallery)
+        self.threads: list[ProcessorThread] = []
+        self.sink: PostgresSink | None = None
+
+    def start(self, ready_timeout_s: float = 60.0) -> None:
+        create_topics(self.settings)
+        if self.database_url:
+            migrate(self.database_url)
+        self.gallery_table.start()
+        if not self.gallery_table.ready.wait(ready_timeout_s):
+            raise TimeoutError("gallery table did not load in time")
+        stages = {
+            "diarize": lambda: DiarizeProcessor(self.settings, self.embedder, self.metrics),
+            "match": lambda: MatchProcessor(self.settings, self.matcher, self.metrics),
+            "enroll": lambda: EnrollProcessor(self.settings, self.embedder, self.gallery, self.metrics),
+            "verify": lambda: VerifyProcessor(
+                self.settings, self.embedder, self.gallery, self.calibration, self.metrics
+            ),
+        }
+        for role in self.roles:
+            if role in stages:
+                thread = ProcessorThread(stages[role](), self.settings, self.publisher)
+                thread.start()
+                self.threads.append(thread)
+        if "sink" in self.roles:
+            self.sink = PostgresSink(self.settings, self.database_url, self.publisher, self.metrics)
+            self.sink.start()
+        deadline = time.monotonic() + ready_timeout_s
+        for thread in self.threads:
+            if not thread.assigned.wait(max(deadline - time.monotonic(), 0.1)):
+                raise TimeoutError(f"stage {thread.processor.role} got no partitions in time")
+        log.info(
+            "worker ready: roles=%s model=%s gallery=%d",
+            ",".join(self.roles),
+            self.embedder.model_id,
+            len(self.gallery),
+        )
+
+    def run_forever(self) -> None:
+        try:
+            run_until(self.stop_event, self.threads, on_idle=self._check_sink)
+        finally:
+            self.stop()
+
+    def _check_sink(self) -> None:
+        if self.sink is not None and not self.sink.is_alive():
+            raise RuntimeError(f"sink stopped: {self.sink.failure!r}")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.stopping.set()
+        if self.sink is not None:
+            self.sink.stopping.set()
+        self.gallery_table.stopping.set()
+        for thread in [*self.threads, self.sink, self.gallery_table]:
+            if thread is not None and thread.is_alive():
+                thread.join(timeout=15)
+        self.publisher.flush()
+        log.info("worker stopped; counters: %s", dict(self.metrics.counters))

@@ -1,0 +1,86 @@
+"""Shared fixtures: real speech data, the embedded broker, a throw-away PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from streams.broker import EmbeddedBroker, start_embedded_broker
+from streams.settings import REPO_ROOT, Settings
+
+SHARED_DATA = Path(os.environ.get("SPEAKERFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# A server to create test databases on; without one, an embedded PostgreSQL is started.
+TEST_SERVER_URL = os.environ.get(
+    "SPEAKERFLOW_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "manifest.csv").is_file():
+        pytest.fail(f"speech data not found at {SHARED_DATA}; set SPEAKERFLOW_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    b = start_embedded_broker(log_path=tmp_path_factory.mktemp("broker") / "broker.log")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    """Settings on the embedded broker with topics and groups of their own, so tests never interfere."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings.from_env(
+        {},
+        bootstrap_servers=broker.bootstrap_servers,
+        broker_profile="embedded",
+        topic_prefix=f"t{tag}",
+        group_prefix=f"g{tag}",
+        partitions=2,
+        data_dir=str(tmp_path),
+        shared_data_dir=str(SHARED_DATA),
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL server we may create databases on."""
+    try:
+        with psycopg.connect(TEST_SERVER_URL, connect_timeout=3):
+            pass
+        yield TEST_SERVER_URL
+        return
+    except psycopg.OperationalError:
+        pass
+    from streams.database import EmbeddedPostgres
+
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def database_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database, dropped after the test."""
+    name = f"speakerflow_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg.conninfo.make_conninfo(pg_server, dbname=name)
+    yield url
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def ge2e():
+    from processors.embedding import Ge2eEmbedder
+
+    return Ge2eEmbedder("cpu")
