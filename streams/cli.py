@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from streams import cli_bench, cli_diarize, cli_eval, cli_gallery
 from streams.settings import Settings, config_table
 
 
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     p.add_argument("--markdown", action="store_true", help="the documented table of variables")
     p.set_defaults(func=cmd_config)
+
+    for module in (cli_eval, cli_gallery, cli_diarize, cli_bench):
+        module.register(sub)
     return parser
 
 
