@@ -40,6 +40,7 @@ RECORDS: tuple[str, ...] = (
     "VerificationRequest",
     "VerificationResult",
     "DeadLetter",
+    "StreamEvent",
 )
 
 _DIR = Path(__file__).resolve().parent

@@ -177,6 +177,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(), realtime=not args.fast, turns=args.turns)
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from streams.api import create_app
+    from streams.database import migrate, resolve_database_url
+
+    settings = _settings()
+    url, embedded = resolve_database_url(settings.database_url, settings.data_dir)
+    try:
+        migrate(url)
+        print(f"speakerflow API on http://{args.host}:{args.port} (OpenAPI docs at /docs)", flush=True)
+        uvicorn.run(create_app(settings, url), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if embedded:
+            embedded.stop()
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(config_table())
@@ -239,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--live", action="store_true", help="also show provisional (not final) updates")
     p.add_argument("--from-beginning", action="store_true")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("api", help="run the HTTP + WebSocket gateway (FastAPI)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     p.add_argument("--markdown", action="store_true", help="the documented table of variables")

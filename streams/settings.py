@@ -92,6 +92,18 @@ class Settings:
     )
     top_k: int = _env("SPEAKERFLOW_TOP_K", 3, "Candidates reported with each identified segment.")
 
+    # --- HTTP / WebSocket gateway ------------------------------------------------------------------
+    api_keys: str = _env(
+        "SPEAKERFLOW_API_KEYS", "", "Comma-separated API keys (X-API-Key header); empty = no auth."
+    )
+    api_max_upload_mb: float = _env("SPEAKERFLOW_API_MAX_UPLOAD_MB", 50.0, "Largest accepted upload (MB).")
+    api_timeout_s: float = _env(
+        "SPEAKERFLOW_API_TIMEOUT_S", 120.0, "Longest a sync request waits for results (seconds)."
+    )
+    export_segments_dir: str = _env(
+        "SPEAKERFLOW_EXPORT_DIR", "", "Where per-segment WAV clips go; empty = SPEAKERFLOW_DATA_DIR/exports."
+    )
+
     # --- Runtime -----------------------------------------------------------------------------------
     log_level: str = _env("SPEAKERFLOW_LOG_LEVEL", "INFO", "Python log level.")
     shared_data_dir: str = _env(
@@ -149,6 +161,8 @@ class Settings:
             "linger.ms": linger,
             "batch.num.messages": batch,
             "compression.type": "none" if embedded else "lz4",
+            # Enrollment and verification requests carry audio; their topics accept 16 MB records.
+            "message.max.bytes": 16 * 1024 * 1024 + 4096,
         }
         # Idempotence is what production wants; Tansu's idempotent producer support is not relied on.
         conf["enable.idempotence"] = not embedded

@@ -46,6 +46,32 @@ ON CONFLICT (speaker_id) DO UPDATE SET
 """
 
 
+UPSERT_EMBEDDING = """
+INSERT INTO speaker_embeddings (speaker_id, model_id, dim, embedding, updated_at)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (speaker_id, model_id) DO UPDATE SET
+    dim = EXCLUDED.dim, embedding = EXCLUDED.embedding, updated_at = EXCLUDED.updated_at
+"""
+
+# Lifecycle events only move a stream forward: a replayed STARTED never reopens a finished stream.
+UPSERT_STREAM = """
+INSERT INTO streams (stream_id, status, started_at, ended_at, audio_seconds, speakers, final_revision, error)
+VALUES (%(stream_id)s, %(status)s, %(started_at)s, %(ended_at)s, %(audio_seconds)s, %(speakers)s,
+        %(revision)s, %(error)s)
+ON CONFLICT (stream_id) DO UPDATE SET
+    status = CASE WHEN streams.status IN ('DONE', 'FAILED') AND EXCLUDED.status = 'RUNNING'
+                  THEN streams.status ELSE EXCLUDED.status END,
+    started_at = coalesce(streams.started_at, EXCLUDED.started_at),
+    ended_at = coalesce(EXCLUDED.ended_at, streams.ended_at),
+    audio_seconds = greatest(coalesce(EXCLUDED.audio_seconds, 0), coalesce(streams.audio_seconds, 0)),
+    speakers = coalesce(EXCLUDED.speakers, streams.speakers),
+    final_revision = greatest(EXCLUDED.final_revision, streams.final_revision),
+    error = coalesce(EXCLUDED.error, streams.error)
+"""
+
+STREAM_STATUS = {"STARTED": "RUNNING", "ENDED": "DONE", "FAILED": "FAILED"}
+
+
 def _ts(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
@@ -84,6 +110,20 @@ def speaker_row(v: dict) -> tuple:
     )
 
 
+def stream_params(e: dict) -> dict:
+    ended = e["event"] != "STARTED"
+    return {
+        "stream_id": e["stream_id"],
+        "status": STREAM_STATUS[e["event"]],
+        "started_at": _ts(e["at_ms"]) if not ended else None,
+        "ended_at": _ts(e["at_ms"]) if ended else None,
+        "audio_seconds": e["audio_seconds"],
+        "speakers": e["speakers"] if ended else None,
+        "revision": e["revision"],
+        "error": e["reason"] if e["event"] == "FAILED" else None,
+    }
+
+
 class PostgresSink(threading.Thread):
     role = "sink"
 
@@ -105,11 +145,12 @@ class PostgresSink(threading.Thread):
         self.failure: BaseException | None = None
         self._segments_topic = settings.topic("segments.identified")
         self._gallery_topic = settings.topic("gallery")
+        self._streams_topic = settings.topic("streams")
         self._conn: psycopg.Connection | None = None
 
     def run(self) -> None:
         consumer = Consumer(self.settings.consumer_config(self.settings.group(self.role)))
-        consumer.subscribe([self._segments_topic, self._gallery_topic])
+        consumer.subscribe([self._segments_topic, self._gallery_topic, self._streams_topic])
         try:
             while not self.stopping.is_set():
                 messages = [m for m in consumer.consume(self.max_batch, timeout=0.2) if m.error() is None]
@@ -147,9 +188,12 @@ class PostgresSink(threading.Thread):
     def _write(self, messages: list[Message]) -> None:
         segments: dict[tuple[str, int], tuple] = {}
         speakers: dict[str, tuple | None] = {}
+        stream_events: list[dict] = []
         for msg in messages:
             try:
-                if msg.topic() == self._gallery_topic:
+                if msg.topic() == self._streams_topic:
+                    stream_events.append(stream_params(codec.decode("StreamEvent", msg.value() or b"")))
+                elif msg.topic() == self._gallery_topic:
                     key = (msg.key() or b"").decode()
                     speakers[key] = (
                         None if msg.value() is None else speaker_row(codec.decode("Voiceprint", msg.value()))
@@ -166,7 +210,11 @@ class PostgresSink(threading.Thread):
             live = [row for row in speakers.values() if row is not None]
             if live:
                 cur.executemany(UPSERT_SPEAKER, live)
+                cur.executemany(UPSERT_EMBEDDING, [(r[0], r[2], r[3], r[4], r[8]) for r in live])
             deleted = [sid for sid, row in speakers.items() if row is None]
             if deleted:
+                # speaker_embeddings rows go with them (ON DELETE CASCADE).
                 cur.execute("DELETE FROM speakers WHERE speaker_id = ANY(%s)", (deleted,))
+            if stream_events:
+                cur.executemany(UPSERT_STREAM, stream_events)
         self.metrics.inc("sink.segments", len(segments))

@@ -23,6 +23,8 @@ class TopicSpec:
 
 
 DAY_MS = 24 * 3600 * 1000
+# Requests carry whole audio samples inline (FLAC): allow up to 16 MB records on those topics only.
+LARGE_RECORDS = {"max.message.bytes": str(16 * 1024 * 1024)}
 
 TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("audio", "stream id", "AudioChunk", {"retention.ms": str(DAY_MS)}, "Live audio chunks."),
@@ -43,8 +45,11 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
         {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1", "segment.ms": "3600000"},
         "Compacted changelog of voiceprints; a tombstone deletes a speaker.",
     ),
-    TopicSpec("verification.requests", "request id", "VerificationRequest", {}, "1:1 verification requests."),
+    TopicSpec(
+        "verification.requests", "request id", "VerificationRequest", LARGE_RECORDS, "1:1 verification asks."
+    ),
     TopicSpec("verification.results", "request id", "VerificationResult", {}, "1:1 verification decisions."),
+    TopicSpec("streams", "stream id", "StreamEvent", {}, "Stream (job) lifecycle: started, ended, failed."),
     TopicSpec(
         "deadletter",
         "original key",

@@ -18,6 +18,17 @@ EMB = [0.125, -0.5, 0.25, 0.75]  # exactly representable as float32, so round tr
 SAMPLE = {"payload": b"RIFF....WAVE", "uri": None, "encoding": "WAV", "sample_rate": 16000, "channels": 1}
 
 EXAMPLES: dict[str, dict[str, Any]] = {
+    "StreamEvent": {
+        "stream_id": "call-42",
+        "event": "ENDED",
+        "at_ms": NOW,
+        "audio_seconds": 61.5,
+        "speakers": 2,
+        "revision": 1,
+        "segments": 12,
+        "reason": None,
+        "metadata": {"source": "api"},
+    },
     "AudioChunk": {
         "stream_id": "call-42",
         "seq": 7,

@@ -1,0 +1,259 @@
+"""The HTTP and WebSocket gateway over real HTTP, the embedded broker, a worker and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import uvicorn
+import websockets
+
+from processors.audio import encode_pcm
+from processors.corpus import by_speaker, load_manifest
+from streams.api import create_app
+from streams.broker import free_port
+from streams.scenario import librispeech_scenario
+from streams.settings import Settings
+from streams.worker import Worker
+
+pytestmark = pytest.mark.integration
+
+
+def flac_bytes(audio: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="FLAC")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack(broker, pg_server, ge2e, shared_data, tmp_path_factory) -> Iterator[dict]:
+    """A worker (all stages) + the gateway on a free loopback port, with one API key."""
+    import uuid
+
+    import psycopg
+
+    tag = uuid.uuid4().hex[:8]
+    name = f"speakerflow_api_{tag}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg.conninfo.make_conninfo(pg_server, dbname=name)
+    settings = Settings.from_env(
+        {},
+        bootstrap_servers=broker.bootstrap_servers,
+        broker_profile="embedded",
+        topic_prefix=f"a{tag}",
+        group_prefix=f"a{tag}",
+        partitions=2,
+        data_dir=str(tmp_path_factory.mktemp("api")),
+        api_keys="secret-key",
+        api_max_upload_mb=2.0,
+        idle_timeout_s=5.0,
+    )
+    worker = Worker(settings, database_url=url, embedder=ge2e)
+    worker.start()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, url), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "secret-key"}, timeout=120
+    )
+    yield {
+        "client": client,
+        "port": port,
+        "settings": settings,
+        "url": url,
+        "worker": worker,
+        "scenario": librispeech_scenario(shared_data, turns=5),
+    }
+    client.close()
+    server.should_exit = True
+    thread.join(timeout=10)
+    worker.stop()
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def enroll(client: httpx.Client, speaker_id: str, files) -> httpx.Response:
+    uploads = [("files", (p.name, p.read_bytes(), "audio/flac")) for p in files]
+    return client.post(
+        "/speakers/enroll", data={"name": f"Name {speaker_id}", "speaker_id": speaker_id}, files=uploads
+    )
+
+
+def test_auth_envelope_and_docs(stack):
+    client = stack["client"]
+    anonymous = httpx.get(f"{client.base_url}/speakers")
+    assert anonymous.status_code == 401
+    assert anonymous.json() == {
+        "success": False,
+        "data": None,
+        "error": {"code": "unauthorized", "message": "missing or wrong X-API-Key header"},
+    }
+    assert httpx.get(f"{client.base_url}/openapi.json").status_code == 200
+    assert client.get("/health").json()["success"] is True
+
+
+def test_enroll_list_get_verify_and_delete(stack):
+    client = stack["client"]
+    scenario = stack["scenario"]
+    ids = list(scenario.enrollments)
+    for speaker_id in ids:
+        response = enroll(client, speaker_id, scenario.enrollments[speaker_id])
+        assert response.status_code == 201, response.text
+        assert response.json()["data"]["accepted"] is True
+    deadline = time.monotonic() + 30
+    while client.get("/speakers").json()["data"]["total"] < len(ids) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    listing = client.get("/speakers", params={"limit": 2}).json()["data"]
+    assert listing["total"] == len(ids) and len(listing["items"]) == 2
+    assert client.get(f"/speakers/{ids[0]}").json()["data"]["name"] == f"Name {ids[0]}"
+    assert client.get("/speakers/nobody").status_code == 404
+
+    held_out = scenario.enrollments[ids[0]][0].parent  # same speaker, a file not used for enrollment
+    test_file = sorted(held_out.glob("*.flac"))[-1]
+    same = client.post(
+        "/verify",
+        data={"speaker_id": ids[0]},
+        files={"file": (test_file.name, test_file.read_bytes(), "audio/flac")},
+    ).json()["data"]
+    other = client.post(
+        "/verify",
+        data={"speaker_id": ids[1]},
+        files={"file": (test_file.name, test_file.read_bytes(), "audio/flac")},
+    ).json()["data"]
+    assert same["accepted"] is True and other["accepted"] is False
+    assert same["score"] > other["score"]
+
+    assert client.delete(f"/speakers/{ids[2]}").json()["data"]["deleted"] is True
+    deadline = time.monotonic() + 30
+    while client.get(f"/speakers/{ids[2]}").status_code != 404 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert client.get(f"/speakers/{ids[2]}").status_code == 404
+    assert client.delete(f"/speakers/{ids[2]}").status_code == 404
+    assert (
+        client.post(
+            "/verify",
+            data={"speaker_id": ids[2]},
+            files={"file": (test_file.name, test_file.read_bytes(), "audio/flac")},
+        ).status_code
+        == 404
+    )
+
+
+def test_bad_uploads_get_clear_4xx(stack, shared_data):
+    client = stack["client"]
+    not_audio = client.post("/identify", files={"file": ("notes.txt", b"hello", "text/plain")})
+    assert not_audio.status_code == 415 and not_audio.json()["error"]["code"] == "unsupported_media_type"
+    garbage = client.post("/identify", files={"file": ("x.wav", b"RIFF....garbage", "audio/wav")})
+    assert garbage.status_code == 422 and garbage.json()["error"]["code"] == "undecodable_audio"
+    too_large = client.post("/identify", files={"file": ("big.wav", b"\0" * (3 * 1024 * 1024), "audio/wav")})
+    assert too_large.status_code == 413
+    short = sorted(
+        by_speaker(load_manifest(shared_data), "librispeech/test-other")["ls-2609"],
+        key=lambda u: u.duration_s,
+    )[0]
+    too_short = enroll(client, "short-sample", [short.path])
+    assert too_short.status_code == 422
+    assert "speech" in too_short.json()["error"]["message"]
+    missing = client.post("/identify", data={"sync": "true"})
+    assert missing.status_code == 422 and missing.json()["error"]["code"] == "invalid_request"
+
+
+def test_identify_sync_and_async_jobs_with_exported_clips(stack):
+    client = stack["client"]
+    scenario = stack["scenario"]
+    audio = flac_bytes(scenario.audio)
+    response = client.post(
+        "/identify",
+        data={"sync": "true", "export_segments": "true"},
+        files={"file": ("call.flac", audio, "audio/flac")},
+    )
+    assert response.status_code == 200, response.text
+    job = response.json()["data"]
+    assert job["status"] == "DONE" and job["segments"]
+    named = [s for s in job["segments"] if s["speaker_id"]]
+    assert named, job["segments"]
+    clip = client.get(named[0]["audio_url"])
+    assert clip.status_code == 200 and clip.headers["content-type"] == "audio/wav"
+    wav, rate = sf.read(io.BytesIO(clip.content))
+    assert rate == 16000 and abs(len(wav) / rate - (named[0]["end_s"] - named[0]["start_s"])) < 0.05
+
+    accepted = client.post(
+        "/diarize", data={"sync": "false"}, files={"file": ("call.flac", audio, "audio/flac")}
+    )
+    assert accepted.status_code == 202
+    job_id = accepted.json()["data"]["job_id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = client.get(f"/jobs/{job_id}").json()["data"]
+        if status["status"] == "DONE" and status["segments"]:
+            break
+        time.sleep(0.5)
+    assert status["status"] == "DONE" and status["kind"] == "diarize"
+    assert any(j["job_id"] == job_id for j in client.get("/jobs").json()["data"]["items"])
+    assert client.get("/jobs/does-not-exist").status_code == 404
+
+
+def test_websocket_pcm_and_twilio_streams_get_segments_back(stack):
+    scenario = stack["scenario"]
+    port = stack["port"]
+    audio = scenario.audio[: 16000 * 30]
+
+    async def pcm_call() -> list[dict]:
+        uri = f"ws://127.0.0.1:{port}/streams/ws-pcm?sample_rate=16000&api_key=secret-key&linger_s=8"
+        got = []
+        async with websockets.connect(uri) as ws:
+            pcm = encode_pcm(audio, "PCM_S16LE")
+            for i in range(0, len(pcm), 6400):  # 0.2-s frames
+                await ws.send(pcm[i : i + 6400])
+            await ws.send(json.dumps({"event": "stop"}))
+            async for message in ws:
+                got.append(json.loads(message))
+        return got
+
+    async def twilio_call() -> list[dict]:
+        import base64
+
+        from processors.audio import resample
+
+        mulaw = encode_pcm(resample(audio, 16000, 8000), "MULAW")
+        uri = f"ws://127.0.0.1:{port}/streams/ws-twilio?api_key=secret-key&linger_s=8"
+        got = []
+        async with websockets.connect(uri) as ws:
+            await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "event": "start",
+                        "start": {
+                            "streamSid": "MZ1",
+                            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                        },
+                    }
+                )
+            )
+            for i in range(0, len(mulaw), 160):  # 20-ms frames, as Twilio sends them
+                payload = base64.b64encode(mulaw[i : i + 160]).decode()
+                await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
+            await ws.send(json.dumps({"event": "stop"}))
+            async for message in ws:
+                got.append(json.loads(message))
+        return got
+
+    for received in (asyncio.run(pcm_call()), asyncio.run(twilio_call())):
+        assert received and all(m["type"] == "segment" for m in received)
+        assert any(m["is_final"] for m in received)
