@@ -59,6 +59,9 @@ class Settings:
     database_url: str = _env(
         "DATABASE_URL", "", "PostgreSQL URL; empty = embedded PostgreSQL under SPEAKERFLOW_DATA_DIR."
     )
+    sink_batch_size: int = _env(
+        "SPEAKERFLOW_SINK_BATCH", 500, "Most records the sink writes in one transaction."
+    )
     data_dir: str = _env(
         "SPEAKERFLOW_DATA_DIR", str(REPO_ROOT / ".data"), "Where embedded services keep data."
     )

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
 from confluent_kafka import Consumer, Message
 
 from schemas import codec
+from streams.database import migrate
 from streams.runtime import Metrics, Publisher, send_to_dead_letter
 from streams.settings import Settings
 
@@ -140,7 +142,7 @@ class PostgresSink(threading.Thread):
         self.database_url = database_url
         self.publisher = publisher
         self.metrics = metrics
-        self.max_batch = max_batch
+        self.max_batch = settings.sink_batch_size
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
         self._segments_topic = settings.topic("segments.identified")
@@ -150,13 +152,15 @@ class PostgresSink(threading.Thread):
 
     def run(self) -> None:
         consumer = Consumer(self.settings.consumer_config(self.settings.group(self.role)))
-        consumer.subscribe([self._segments_topic, self._gallery_topic, self._streams_topic])
         try:
+            # The schema first (the database may still be starting): nothing is consumed before it exists.
+            self._retry(lambda: migrate(self.database_url))
+            consumer.subscribe([self._segments_topic, self._gallery_topic, self._streams_topic])
             while not self.stopping.is_set():
                 messages = [m for m in consumer.consume(self.max_batch, timeout=0.2) if m.error() is None]
                 if not messages:
                     continue
-                self._write_with_retry(messages)
+                self._retry(lambda batch=messages: self._write(batch))
                 self.publisher.flush()  # dead letters of the batch
                 consumer.commit(asynchronous=False)
         except BaseException as exc:
@@ -167,18 +171,19 @@ class PostgresSink(threading.Thread):
             if self._conn is not None:
                 self._conn.close()
 
-    def _write_with_retry(self, messages: list[Message]) -> None:
+    def _retry(self, action: Callable[[], object]) -> None:
+        """Run `action` until it succeeds, backing off while the database is unreachable."""
         delay = 0.5
         while not self.stopping.is_set():
             try:
-                self._write(messages)
+                action()
                 return
             except psycopg.OperationalError as exc:
                 log.warning("database unavailable (%s); retrying in %.1f s", exc, delay)
                 self._conn = None
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
-        raise InterruptedError("sink stopped before the batch was written; offsets not committed")
+        raise InterruptedError("sink stopped while the database was unavailable; offsets not committed")
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:

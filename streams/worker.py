@@ -11,7 +11,6 @@ import torch
 from gallery.matcher import Gallery, Matcher
 from processors.embedding import Embedder, load_embedder
 from processors.scoring import default_calibration
-from streams.database import migrate
 from streams.diarize import DiarizeProcessor
 from streams.gallery_table import GalleryTable
 from streams.match import MatchProcessor
@@ -24,6 +23,7 @@ from streams.topics import create_topics
 log = logging.getLogger(__name__)
 
 ALL_ROLES = ("diarize", "match", "enroll", "verify", "sink")
+MODEL_ROLES = {"diarize", "match", "enroll", "verify"}  # roles that need the embedder and the gallery
 
 
 class Worker:
@@ -59,11 +59,10 @@ class Worker:
 
     def start(self, ready_timeout_s: float = 60.0) -> None:
         create_topics(self.settings)
-        if self.database_url:
-            migrate(self.database_url)
-        self.gallery_table.start()
-        if not self.gallery_table.ready.wait(ready_timeout_s):
-            raise TimeoutError("gallery table did not load in time")
+        if self.gallery_table is not None:
+            self.gallery_table.start()
+            if not self.gallery_table.ready.wait(ready_timeout_s):
+                raise TimeoutError("gallery table did not load in time")
         stages = {
             "diarize": lambda: DiarizeProcessor(self.settings, self.embedder, self.metrics),
             "match": lambda: MatchProcessor(self.settings, self.matcher, self.metrics),
@@ -84,12 +83,8 @@ class Worker:
         for thread in self.threads:
             if not thread.assigned.wait(max(deadline - time.monotonic(), 0.1)):
                 raise TimeoutError(f"stage {thread.processor.role} got no partitions in time")
-        log.info(
-            "worker ready: roles=%s model=%s gallery=%d",
-            ",".join(self.roles),
-            self.embedder.model_id,
-            len(self.gallery),
-        )
+        model = f" model={self.embedder.model_id} gallery={len(self.gallery)}" if self.gallery_table else ""
+        log.info("worker ready: roles=%s%s", ",".join(self.roles), model)
 
     def run_forever(self) -> None:
         try:
@@ -107,7 +102,8 @@ class Worker:
             thread.stopping.set()
         if self.sink is not None:
             self.sink.stopping.set()
-        self.gallery_table.stopping.set()
+        if self.gallery_table is not None:
+            self.gallery_table.stopping.set()
         for thread in [*self.threads, self.sink, self.gallery_table]:
             if thread is not None and thread.is_alive():
                 thread.join(timeout=15)
