@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from streams import cli_bench, cli_diarize, cli_eval, cli_gallery
+from streams import cli_bench, cli_diarize, cli_eval, cli_gallery, cli_ops
 from streams.settings import Settings, config_table
 
 
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the documented table of variables")
     p.set_defaults(func=cmd_config)
 
-    for module in (cli_eval, cli_gallery, cli_diarize, cli_bench):
+    for module in (cli_eval, cli_gallery, cli_diarize, cli_bench, cli_ops):
         module.register(sub)
     return parser
 

@@ -1,0 +1,303 @@
+"""`speakerflow loadtest`: N live conversations at real-time pace through a worker, measured end to end.
+
+Latency is taken per identified-segment update, as the time it reaches this process minus the capture
+time of the newest audio it covers (`source_capture_ts_ms`): audio captured -> name on the output topic.
+Lag is what the load generator produced to the audio topic minus what the diarize group has committed,
+counted by us (the embedded broker's end offsets cannot be trusted, see FACTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import Consumer, TopicPartition
+
+from processors.audio import encode_pcm
+from schemas import codec
+from streams.broker import start_embedded_broker
+from streams.runtime import Publisher, now_ms
+from streams.scenario import librispeech_scenario
+from streams.settings import REPO_ROOT, Settings
+from streams.topics import create_topics
+
+SAMPLE_RATE = 16000
+CHUNK_S = 0.5
+
+
+@dataclass
+class LoadResult:
+    streams: int
+    minutes: float
+    segments: int
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_p99_s: float
+    max_lag_chunks: int
+    final_lag_chunks: int
+    worker_cpu_percent: float  # mean over the run; 200 % = both cores of this machine
+    worker_rss_mb: float  # peak
+    dead_letters: int
+    timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t, latency)
+    samples: list[tuple[float, float, float, int]] = field(
+        default_factory=list, repr=False
+    )  # t, cpu, rss, lag
+
+    def holds(self, p95_limit_s: float = 2.0) -> bool:
+        return self.segments > 0 and self.latency_p95_s <= p95_limit_s
+
+
+def conversations(data_dir: Path, streams: int, seconds: float) -> list[np.ndarray]:
+    """`streams` different conversations, each looped to `seconds` of audio."""
+    out = []
+    for i in range(streams):
+        audio = librispeech_scenario(data_dir, turns=10, seed=1000 + i).audio
+        repeats = int(np.ceil(seconds * SAMPLE_RATE / len(audio)))
+        out.append(np.tile(audio, repeats)[: int(seconds * SAMPLE_RATE)])
+    return out
+
+
+class Player(threading.Thread):
+    """Sends every stream's next chunk each CHUNK_S, like N phones talking at once."""
+
+    def __init__(self, settings: Settings, audios: list[np.ndarray], run_id: str) -> None:
+        super().__init__(daemon=True)
+        self.publisher = Publisher(settings)
+        self.topic = settings.topic("audio")
+        self.audios = audios
+        self.stream_ids = [f"load-{run_id}-{i:03d}" for i in range(len(audios))]
+        self.sent_by_stream = [0] * len(audios)
+
+    def run(self) -> None:
+        size = int(CHUNK_S * SAMPLE_RATE)
+        total = max(len(a) for a in self.audios)
+        origin = time.monotonic()
+        origin_ms = now_ms()
+        for tick, start in enumerate(range(0, total, size)):
+            wait = origin + (tick + 1) * CHUNK_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            for i, audio in enumerate(self.audios):
+                if start >= len(audio):
+                    continue
+                record = {
+                    "stream_id": self.stream_ids[i],
+                    "seq": tick,
+                    "capture_ts_ms": origin_ms + int(tick * CHUNK_S * 1000),
+                    "sample_rate": SAMPLE_RATE,
+                    "channels": 1,
+                    "encoding": "PCM_S16LE",
+                    "payload": encode_pcm(audio[start : start + size], "PCM_S16LE"),
+                    "end_of_stream": start + size >= len(audio),
+                    "metadata": {"source": "loadtest"},
+                }
+                self.publisher.publish(self.topic, self.stream_ids[i], "AudioChunk", record)
+                self.sent_by_stream[i] += 1
+            self.publisher.poll()
+        self.publisher.flush()
+
+
+class LatencyProbe(threading.Thread):
+    def __init__(self, settings: Settings, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.prefix = prefix
+        self.stopping = threading.Event()
+        self.timeline: list[tuple[float, float]] = []
+        self.started = time.monotonic()
+
+    def run(self) -> None:
+        consumer = Consumer(self.settings.consumer_config(f"loadtest-probe-{uuid.uuid4().hex[:8]}"))
+        consumer.subscribe([self.settings.topic("segments.identified")])
+        try:
+            while not self.stopping.is_set():
+                for msg in consumer.consume(500, timeout=0.1):
+                    if msg.error() is not None or msg.value() is None:
+                        continue
+                    seg = codec.decode("IdentifiedSegment", msg.value())
+                    if seg["stream_id"].startswith(self.prefix):
+                        latency = (now_ms() - seg["source_capture_ts_ms"]) / 1000
+                        self.timeline.append((time.monotonic() - self.started, latency))
+        finally:
+            consumer.close()
+
+
+def _proc_sample(pid: int) -> tuple[float, float]:
+    """(cpu seconds so far, rss MB) of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    return cpu, rss
+
+
+def _committed(consumer: Consumer, topic: str, partitions: int) -> int:
+    offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=5)
+    return sum(max(tp.offset, 0) for tp in offsets)
+
+
+def run_loadtest(settings: Settings, streams: int, minutes: float, log_dir: Path) -> LoadResult:
+    run_id = uuid.uuid4().hex[:6]
+    settings = replace(settings, topic_prefix=f"load{run_id}", group_prefix=f"load{run_id}")
+    create_topics(settings)
+    audios = conversations(Path(settings.shared_data_dir), streams, minutes * 60)
+    worker = _start_worker(settings, log_dir / f"worker-{streams}.log")
+    try:
+        probe = LatencyProbe(settings, f"load-{run_id}-")
+        probe.start()
+        player = Player(settings, audios, run_id)
+        lag_reader = Consumer(settings.consumer_config(settings.group("diarize")))
+        samples = []
+        cpu0, _ = _proc_sample(worker.pid)
+        t0 = time.monotonic()
+        player.start()
+        while player.is_alive() or time.monotonic() - t0 < minutes * 60 + 5:
+            time.sleep(1.0)
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker died (code {worker.returncode}); see {log_dir}")
+            cpu, rss = _proc_sample(worker.pid)
+            lag = sum(player.sent_by_stream) - _committed(
+                lag_reader, settings.topic("audio"), settings.partitions
+            )
+            samples.append((time.monotonic() - t0, cpu, rss, lag))
+        probe.stopping.set()
+        probe.join(timeout=10)
+        lag_reader.close()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    return _summarise(streams, minutes, probe.timeline, samples, cpu0, _dead_letters(settings))
+
+
+def _summarise(streams, minutes, timeline, samples, cpu0, dead) -> LoadResult:
+    latencies = np.array([lat for _, lat in timeline]) if timeline else np.zeros(1)
+    elapsed = samples[-1][0] if samples else 1.0
+    cpu_pct = 100 * (samples[-1][1] - cpu0) / elapsed if samples else 0.0
+    cpu_series = [
+        (t, 100 * (c - pc) / max(t - pt, 1e-6), r, lag)
+        for (t, c, r, lag), (pt, pc, _, _) in zip(samples[1:], samples[:-1], strict=False)
+    ]
+    return LoadResult(
+        streams,
+        minutes,
+        len(timeline),
+        *(float(np.percentile(latencies, q)) for q in (50, 95, 99)),
+        max((s[3] for s in samples), default=0),
+        samples[-1][3] if samples else 0,
+        round(cpu_pct, 1),
+        round(max((s[2] for s in samples), default=0.0), 1),
+        dead,
+        timeline,
+        cpu_series,
+    )
+
+
+def _dead_letters(settings: Settings) -> int:
+    consumer = Consumer(settings.consumer_config(f"loadtest-dlq-{uuid.uuid4().hex[:8]}"))
+    consumer.subscribe([settings.topic("deadletter")])
+    count, quiet_since = 0, time.monotonic()
+    while time.monotonic() - quiet_since < 3:
+        msgs = [m for m in consumer.consume(500, timeout=0.2) if m.error() is None]
+        count += len(msgs)
+        if msgs:
+            quiet_since = time.monotonic()
+    consumer.close()
+    return count
+
+
+def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
+    env = os.environ | {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "SPEAKERFLOW_BROKER_PROFILE": settings.broker_profile,
+        "SPEAKERFLOW_TOPIC_PREFIX": settings.topic_prefix,
+        "SPEAKERFLOW_GROUP_PREFIX": settings.group_prefix,
+        "SPEAKERFLOW_PARTITIONS": str(settings.partitions),
+    }
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")  # noqa: SIM115 - handed to the child
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "worker", "--roles", "diarize,match"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while "worker ready" not in log_path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not start; see {log_path}")
+        time.sleep(0.2)
+    return process
+
+
+def plot(results: list[LoadResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_cpu) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    for r in results:
+        if r.timeline:
+            t, lat = zip(*r.timeline, strict=True)
+            ax_lat.plot(
+                t, lat, ".", ms=2, alpha=0.4, label=f"{r.streams} streams (p95 {r.latency_p95_s:.2f} s)"
+            )
+        if r.samples:
+            ax_cpu.plot([s[0] for s in r.samples], [s[1] for s in r.samples], label=f"{r.streams} streams")
+    ax_lat.axhline(2.0, color="red", lw=1, ls="--", label="2 s target")
+    ax_lat.set_ylabel("capture -> identified segment (s)")
+    ax_lat.set_yscale("log")
+    ax_lat.legend(loc="upper left", fontsize=8)
+    ax_cpu.set_ylabel("worker CPU (%; 200 = 2 cores)")
+    ax_cpu.set_xlabel("time since start (s)")
+    ax_cpu.legend(loc="upper left", fontsize=8)
+    fig.suptitle("speakerflow loadtest: live streams at real-time pace")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(results: list[LoadResult]) -> str:
+    rows = [
+        "| streams | minutes | segment updates | p50 (s) | p95 (s) | p99 (s) | max lag (chunks) | "
+        "worker CPU | worker RSS (MB) | dead letters |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r.streams} | {r.minutes:g} | {r.segments} | {r.latency_p50_s:.2f} | {r.latency_p95_s:.2f} | "
+            f"{r.latency_p99_s:.2f} | {r.max_lag_chunks} | {r.worker_cpu_percent:.0f} % | "
+            f"{r.worker_rss_mb:.0f} | {r.dead_letters} |"
+        )
+    return "\n".join(rows)
+
+
+def run_sweep(settings: Settings, counts: list[int], minutes: float, out_dir: Path) -> list[LoadResult]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if settings.embedded:
+        broker = start_embedded_broker(log_path=out_dir / "broker.log")
+        settings = replace(settings, bootstrap_servers=broker.bootstrap_servers)
+    results = []
+    try:
+        for n in counts:
+            print(f"loadtest: {n} streams x {minutes:g} min ...", flush=True)
+            result = run_loadtest(settings, n, minutes, out_dir)
+            results.append(result)
+            print(format_table([result]).splitlines()[-1], flush=True)
+    finally:
+        if broker:
+            broker.stop()
+    plot(results, out_dir / "loadtest.png")
+    summary = [{k: v for k, v in asdict(r).items() if k not in ("timeline", "samples")} for r in results]
+    (out_dir / "loadtest.json").write_text(json.dumps(summary, indent=2))
+    return results
