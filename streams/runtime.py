@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas import codec
+from streams.metrics import Metrics
 from streams.settings import Settings
+
+__all__ = ["Metrics", "Processor", "ProcessorThread", "Publisher"]
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +85,6 @@ class Publisher:
         self.publish(self.settings.topic("deadletter"), msg.key(), "DeadLetter", record)
 
 
-@dataclass
-class Metrics:
-    """Counters of one worker, by name (e.g. `deadletter.diarize`, `chunks`)."""
-
-    counters: Counter = field(default_factory=Counter)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def inc(self, name: str, amount: int = 1) -> None:
-        with self._lock:
-            self.counters[name] += amount
-
-
 class Processor:
     """One stage: subclasses set `role` and `topics` and implement `handle`."""
 
@@ -114,7 +103,11 @@ class Processor:
 
 
 class ProcessorThread(threading.Thread):
-    def __init__(self, processor: Processor, settings: Settings, publisher: Publisher) -> None:
+    LAG_EVERY_S = 5.0
+
+    def __init__(
+        self, processor: Processor, settings: Settings, publisher: Publisher, metrics: Metrics | None = None
+    ) -> None:
         super().__init__(name=f"speakerflow-{processor.role}", daemon=True)
         self.processor = processor
         self.settings = settings
@@ -122,6 +115,8 @@ class ProcessorThread(threading.Thread):
         self.stopping = threading.Event()
         self.assigned = threading.Event()
         self.failure: BaseException | None = None
+        self.metrics = metrics
+        self._lag_due = 0.0
 
     def run(self) -> None:
         consumer = Consumer(self.settings.consumer_config(self.settings.group(self.processor.role)))
@@ -137,11 +132,25 @@ class ProcessorThread(threading.Thread):
                 if good:
                     self.publisher.flush()
                     consumer.commit(asynchronous=False)
+                self._report_lag(consumer)
         except BaseException as exc:  # a bug or a lost broker: stop this worker loudly, commit nothing
             self.failure = exc
             log.exception("processor %s failed", self.processor.role)
         finally:
             consumer.close()
+
+    def _report_lag(self, consumer: Consumer) -> None:
+        """Records behind the end of the assigned partitions, from the offsets of the last fetches.
+        (The embedded Tansu broker reports end offsets wrongly, so there this gauge is approximate.)"""
+        if self.metrics is None or time.monotonic() < self._lag_due:
+            return
+        self._lag_due = time.monotonic() + self.LAG_EVERY_S
+        lag = 0
+        for tp in consumer.position(consumer.assignment()):
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0 and tp.offset >= 0:
+                lag += max(high - tp.offset, 0)
+        self.metrics.lag.labels(self.processor.role).set(lag)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s assigned %s", self.processor.role, [f"{p.topic}[{p.partition}]" for p in partitions])

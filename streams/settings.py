@@ -109,6 +109,9 @@ class Settings:
 
     # --- Runtime -----------------------------------------------------------------------------------
     log_level: str = _env("SPEAKERFLOW_LOG_LEVEL", "INFO", "Python log level.")
+    log_format: str = _env("SPEAKERFLOW_LOG_FORMAT", "text", "`text`, or `json`: one JSON object a line.")
+    metrics_port: int = _env("SPEAKERFLOW_METRICS_PORT", 0, "Prometheus /metrics port of a worker; 0: off.")
+    metrics_host: str = _env("SPEAKERFLOW_METRICS_HOST", "127.0.0.1", "Address /metrics listens on.")
     shared_data_dir: str = _env(
         "SPEAKERFLOW_SHARED_DATA",
         str(REPO_ROOT.parent / "shared" / "data"),

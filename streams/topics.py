@@ -63,7 +63,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
 def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create every topic that does not exist yet; returns the full names of those created."""
     admin = AdminClient(settings.kafka_common())
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    existing = set(admin.list_topics(timeout=min(timeout_s, 10.0)).topics)
     wanted = [
         NewTopic(
             settings.topic(spec.name),

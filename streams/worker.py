@@ -59,6 +59,10 @@ class Worker:
 
     def start(self, ready_timeout_s: float = 60.0) -> None:
         create_topics(self.settings)
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+        if self.gallery_table is not None:
+            self.metrics.gallery_size.set_function(lambda: len(self.gallery))
         if self.gallery_table is not None:
             self.gallery_table.start()
             if not self.gallery_table.ready.wait(ready_timeout_s):
@@ -73,7 +77,7 @@ class Worker:
         }
         for role in self.roles:
             if role in stages:
-                thread = ProcessorThread(stages[role](), self.settings, self.publisher)
+                thread = ProcessorThread(stages[role](), self.settings, self.publisher, self.metrics)
                 thread.start()
                 self.threads.append(thread)
         if "sink" in self.roles:
