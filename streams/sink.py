@@ -71,6 +71,16 @@ ON CONFLICT (stream_id) DO UPDATE SET
     error = coalesce(EXCLUDED.error, streams.error)
 """
 
+FORGET_SPEAKERS = """
+UPDATE segments SET
+    speaker_id = CASE WHEN speaker_id = ANY(%s) THEN NULL ELSE speaker_id END,
+    name = CASE WHEN speaker_id = ANY(%s) THEN 'UNKNOWN' ELSE name END,
+    candidates = coalesce((SELECT jsonb_agg(c) FROM jsonb_array_elements(candidates) c
+                           WHERE NOT (c->>'speaker_id' = ANY(%s))), '[]'::jsonb)
+WHERE speaker_id = ANY(%s)
+   OR EXISTS (SELECT 1 FROM jsonb_array_elements(candidates) c WHERE c->>'speaker_id' = ANY(%s))
+"""
+
 STREAM_STATUS = {"STARTED": "RUNNING", "ENDED": "DONE", "FAILED": "FAILED"}
 
 
@@ -218,8 +228,10 @@ class PostgresSink(threading.Thread):
                 cur.executemany(UPSERT_EMBEDDING, [(r[0], r[2], r[3], r[4], r[8]) for r in live])
             deleted = [sid for sid, row in speakers.items() if row is None]
             if deleted:
-                # speaker_embeddings rows go with them (ON DELETE CASCADE).
+                # speaker_embeddings rows go with them (ON DELETE CASCADE); segments keep their time
+                # ranges but lose the identity, candidates included (right to erasure).
                 cur.execute("DELETE FROM speakers WHERE speaker_id = ANY(%s)", (deleted,))
+                cur.execute(FORGET_SPEAKERS, (deleted,) * 5)
             if stream_events:
                 cur.executemany(UPSERT_STREAM, stream_events)
         self.metrics.inc("sink.segments", len(segments))

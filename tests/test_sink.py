@@ -150,3 +150,50 @@ def test_sink_waits_out_a_database_outage(settings, database_url, pg_server, tmp
         sink.wait(timeout=20)
     assert "database unavailable" in log.read_text()
     assert set(table(database_url)) == set(expected)
+
+
+def test_deleting_a_speaker_erases_voiceprint_embeddings_and_identity(settings, database_url):
+    from streams.metrics import Metrics
+    from streams.sink import PostgresSink
+    from streams.topics import create_topics
+
+    create_topics(settings)
+    migrate(database_url)
+    publisher = Publisher(settings)
+    voiceprint = {
+        "speaker_id": "ada",
+        "name": "Ada",
+        "model_id": "ge2e-test",
+        "dim": 3,
+        "embedding": [0.6, 0.8, 0.0],
+        "sample_count": 1,
+        "speech_seconds": 12.0,
+        "updated_at_ms": 1_700_000_000_000,
+        "metadata": {},
+    }
+    publisher.publish(settings.topic("gallery"), "ada", "Voiceprint", voiceprint)
+    for index in range(4):
+        publisher.publish(
+            settings.topic("segments.identified"), "s0", "IdentifiedSegment", segment(0, index, 0, True)
+        )  # every 4th names Ada; all list her as a candidate
+    publisher.flush()
+    sink = PostgresSink(settings, database_url, publisher, Metrics())
+    sink.start()
+    try:
+
+        def count(sql: str) -> int:
+            with psycopg.connect(database_url) as conn:
+                return conn.execute(sql).fetchone()[0]
+
+        assert wait_until(lambda: count("SELECT count(*) FROM segments") == 4, 60)
+        assert count("SELECT count(*) FROM speaker_embeddings WHERE speaker_id = 'ada'") == 1
+        publisher.publish(settings.topic("gallery"), "ada", "Voiceprint", None)  # tombstone
+        publisher.flush()
+        assert wait_until(lambda: count("SELECT count(*) FROM speakers") == 0, 60)
+    finally:
+        sink.stopping.set()
+        sink.join(timeout=20)
+    assert count("SELECT count(*) FROM speaker_embeddings") == 0
+    assert count("SELECT count(*) FROM segments WHERE speaker_id = 'ada' OR name = 'Ada'") == 0
+    assert count("SELECT count(*) FROM segments WHERE candidates::text LIKE '%ada%'") == 0
+    assert count("SELECT count(*) FROM segments") == 4  # the time ranges stay
