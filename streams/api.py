@@ -120,7 +120,9 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     async def lifespan(app: FastAPI):
         gw.hub.start()
         await asyncio.to_thread(gw.hub.ready.wait, 30)
+        janitor = asyncio.create_task(_expire_exports(gw.export_dir, settings.export_retention_h))
         yield
+        janitor.cancel()
         gw.hub.stopping.set()
 
     app = FastAPI(
@@ -492,6 +494,28 @@ def _export_clips(folder: Path, audio: np.ndarray, segments: list[dict]) -> None
         clip = audio[int(seg["start_s"] * SAMPLE_RATE) : int(seg["end_s"] * SAMPLE_RATE)]
         sf.write(folder / f"{_safe(seg['segment_id'])}.wav", clip, SAMPLE_RATE, subtype="PCM_16")
         seg["audio_url"] = f"/segments/{seg['stream_id']}/audio/{seg['segment_id']}"
+
+
+async def _expire_exports(folder: Path, retention_h: float, every_s: float = 600.0) -> None:
+    """Raw audio is kept only as exported clips, and only for the retention period."""
+    while True:
+        await asyncio.to_thread(remove_expired_exports, folder, retention_h)
+        await asyncio.sleep(every_s)
+
+
+def remove_expired_exports(folder: Path, retention_h: float) -> int:
+    """Delete job folders of clips older than `retention_h`; returns how many went."""
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - retention_h * 3600
+    removed = 0
+    for job in folder.iterdir():
+        if job.is_dir() and job.stat().st_mtime < cutoff:
+            for clip in job.iterdir():
+                clip.unlink()
+            job.rmdir()
+            removed += 1
+    return removed
 
 
 def _safe(name: str) -> str:

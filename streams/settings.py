@@ -74,6 +74,11 @@ class Settings:
         "EMBEDDING_MODEL_PATH", "", "Local SpeechBrain ECAPA directory; empty = hub id (needs internet)."
     )
     device: str = _env("SPEAKERFLOW_DEVICE", "auto", "`auto`, `cpu` or `cuda:N`.")
+    embedding_precision: str = _env(
+        "SPEAKERFLOW_EMBEDDING_PRECISION",
+        "auto",
+        "`auto` (fp32 on CPU, fp16 autocast on CUDA), `fp32`, `fp16`/`bf16` (CUDA), `int8` (CPU, ecapa).",
+    )
     torch_threads: int = _env("SPEAKERFLOW_TORCH_THREADS", 0, "CPU threads for inference; 0 = all cores.")
     batch_max_size: int = _env("SPEAKERFLOW_BATCH_MAX_SIZE", 64, "Most windows per embedding batch.")
     batch_max_wait_ms: int = _env("SPEAKERFLOW_BATCH_MAX_WAIT_MS", 20, "Longest a window waits for a batch.")
@@ -88,12 +93,48 @@ class Settings:
     idle_timeout_s: float = _env(
         "SPEAKERFLOW_IDLE_TIMEOUT_S", 30.0, "A stream with no chunk for this long is ended."
     )
+    latency_s: float = _env(
+        "SPEAKERFLOW_LATENCY_S",
+        2.0,
+        "Live diarization latency: a frame's speaker label is committed at most this long after its audio.",
+    )
+    state_every_s: float = _env(
+        "SPEAKERFLOW_STATE_EVERY_S", 5.0, "Seconds of stream audio between diarizer state snapshots."
+    )
 
     # --- Matching ----------------------------------------------------------------------------------
     match_threshold: float = _env(
         "SPEAKERFLOW_MATCH_THRESHOLD", 0.0, "Cosine score to accept a match; 0 = the embedder's default."
     )
     top_k: int = _env("SPEAKERFLOW_TOP_K", 3, "Candidates reported with each identified segment.")
+    calibration_dir: str = _env(
+        "SPEAKERFLOW_CALIBRATION_DIR",
+        "",
+        "Calibration files (`<model id>.json`, from `speakerflow calibrate`); empty = DATA_DIR/calibration.",
+    )
+    operating_point: str = _env(
+        "SPEAKERFLOW_OPERATING_POINT",
+        "far0.01",
+        "Threshold of a calibration: `eer`, `far1`, `far0.1` or `far0.01` (false accepts per trial, %).",
+    )
+    match_margin: float = _env(
+        "SPEAKERFLOW_MATCH_MARGIN",
+        0.12,
+        "Best voiceprint must beat the runner-up by this cosine margin (0 = off; waived for sure scores).",
+    )
+    match_exclusive: bool = _env(
+        "SPEAKERFLOW_MATCH_EXCLUSIVE", True, "Two labels of one stream cannot be the same enrolled speaker."
+    )
+    match_relabel: bool = _env(
+        "SPEAKERFLOW_MATCH_RELABEL",
+        True,
+        "Re-emit earlier segments (revision + 1) once a label's identity settles.",
+    )
+    index_exact_max: int = _env(
+        "SPEAKERFLOW_INDEX_EXACT_MAX",
+        50000,
+        "Exact search up to this many voiceprints, FAISS IVF above (0 = always exact).",
+    )
 
     # --- HTTP / WebSocket gateway ------------------------------------------------------------------
     api_keys: str = _env(
@@ -102,6 +143,9 @@ class Settings:
     api_max_upload_mb: float = _env("SPEAKERFLOW_API_MAX_UPLOAD_MB", 50.0, "Largest accepted upload (MB).")
     api_timeout_s: float = _env(
         "SPEAKERFLOW_API_TIMEOUT_S", 120.0, "Longest a sync request waits for results (seconds)."
+    )
+    export_retention_h: float = _env(
+        "SPEAKERFLOW_EXPORT_RETENTION_H", 24.0, "Exported segment clips are deleted after this many hours."
     )
     export_segments_dir: str = _env(
         "SPEAKERFLOW_EXPORT_DIR", "", "Where per-segment WAV clips go; empty = SPEAKERFLOW_DATA_DIR/exports."
@@ -134,6 +178,10 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.broker_profile == "embedded"
+
+    @property
+    def calibration_path(self) -> Path:
+        return Path(self.calibration_dir or Path(self.data_dir) / "calibration")
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"

@@ -257,3 +257,18 @@ def test_websocket_pcm_and_twilio_streams_get_segments_back(stack):
     for received in (asyncio.run(pcm_call()), asyncio.run(twilio_call())):
         assert received and all(m["type"] == "segment" for m in received)
         assert any(m["is_final"] for m in received)
+
+
+def test_exported_clips_expire_after_the_retention(tmp_path):
+    import os
+
+    from streams.api import remove_expired_exports
+
+    old, fresh = tmp_path / "identify-old", tmp_path / "identify-new"
+    for job in (old, fresh):
+        job.mkdir()
+        (job / "seg.wav").write_bytes(b"RIFF")
+    two_days_ago = time.time() - 48 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    assert remove_expired_exports(tmp_path, retention_h=24) == 1
+    assert not old.exists() and fresh.exists()
