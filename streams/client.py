@@ -140,3 +140,111 @@ def wait_for(
         if predicate(record):
             return record
     raise TimeoutError(f"no matching {record_name} on {topic} within {timeout_s} s")
+
+
+# --- gallery helpers (issue 5) ---------------------------------------------------------------------
+
+
+def publish_verification(publisher: Publisher, speaker_id: str, file: Path) -> str:
+    """Publish a 1:1 verification request ("is this `speaker_id`?"); returns its request id."""
+    request_id = uuid.uuid4().hex
+    record = {
+        "request_id": request_id,
+        "speaker_id": speaker_id,
+        "sample": file_sample(file),
+        "requested_at_ms": now_ms(),
+    }
+    publisher.publish(
+        publisher.settings.topic("verification.requests"), request_id, "VerificationRequest", record
+    )
+    publisher.flush()
+    return request_id
+
+
+def publish_voiceprints(publisher: Publisher, voiceprints: list) -> int:
+    """Write `gallery.voiceprint.Voiceprint`s straight to the gallery topic (import); returns the count."""
+    topic = publisher.settings.topic("gallery")
+    for i, voiceprint in enumerate(voiceprints):
+        publisher.publish(topic, voiceprint.speaker_id, "Voiceprint", voiceprint.to_record())
+        if i % 1000 == 999:
+            publisher.poll()
+    publisher.flush()
+    return len(voiceprints)
+
+
+def read_gallery_snapshot(settings: Settings, timeout_s: float = 30.0) -> dict:
+    """speaker id -> `Voiceprint` of every model, as the gallery topic says now (tombstones applied).
+
+    Reads every partition of the compacted gallery topic from the beginning up to the end offsets taken
+    at the start, like the gallery table does on a worker's start; raises TimeoutError if that takes
+    longer than `timeout_s`.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    from gallery.voiceprint import Voiceprint
+
+    topic = settings.topic("gallery")
+    consumer = Consumer(settings.consumer_config(None))
+    speakers: dict = {}
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            return speakers
+        ends = {}
+        for p in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gallery topic {topic} not read to its end within {timeout_s} s")
+            for msg in consumer.consume(num_messages=1000, timeout=0.2):
+                if msg.error() is not None:
+                    continue
+                key = (msg.key() or b"").decode()
+                voiceprint = None if msg.value() is None else _voiceprint_or_none(Voiceprint, msg.value())
+                if voiceprint is not None:
+                    speakers[key] = voiceprint
+                elif msg.value() is None:  # tombstone; unreadable records are skipped like the table does
+                    speakers.pop(key, None)
+                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                    ends.pop(msg.partition(), None)
+    finally:
+        consumer.close()
+    return speakers
+
+
+def _voiceprint_or_none(voiceprint_class: type, value: bytes):
+    try:
+        return voiceprint_class.from_record(codec.decode("Voiceprint", value))
+    except (codec.SchemaError, ValueError):
+        return None
+
+
+def await_record(
+    settings: Settings, topic: str, record_name: str, predicate: Callable[[dict], bool], timeout_s: float
+) -> dict:
+    """Like `wait_for`, but reads every partition of `topic` directly from the beginning instead of
+    joining a consumer group, so it starts at once (a group join takes seconds)."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    consumer = Consumer(settings.consumer_config(None))
+    deadline = time.monotonic() + timeout_s
+    try:
+        metadata = consumer.list_topics(topic, timeout=max(timeout_s, 1.0)).topics[topic]
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=500, timeout=0.05):
+                if msg.error() is not None or msg.value() is None:
+                    continue
+                try:
+                    record = codec.decode(record_name, msg.value())
+                except codec.SchemaError:
+                    continue
+                if predicate(record):
+                    return record
+    finally:
+        consumer.close()
+    raise TimeoutError(f"no matching {record_name} on {topic} within {timeout_s} s")

@@ -33,7 +33,11 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
         "segments.identified", "stream id", "IdentifiedSegment", {}, "Segments with a name or UNKNOWN."
     ),
     TopicSpec(
-        "enrollment.requests", "speaker id", "EnrollmentRequest", {}, "Enroll, add to or delete a speaker."
+        "enrollment.requests",
+        "speaker id",
+        "EnrollmentRequest",
+        LARGE_RECORDS,
+        "Enroll, add to or delete a speaker.",
     ),
     TopicSpec(
         "enrollment.results", "speaker id", "EnrollmentResult", {}, "Accepted or rejected, with the reason."

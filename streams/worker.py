@@ -8,12 +8,11 @@ import time
 
 import torch
 
-from gallery.matcher import Gallery, Matcher
 from processors.embedding import Embedder, load_embedder
 from processors.scoring import default_calibration
 from streams.diarize import DiarizeProcessor
 from streams.gallery_table import GalleryTable
-from streams.match import MatchProcessor
+from streams.match import MatchProcessor, build_gallery_and_matcher
 from streams.requests import EnrollProcessor, VerifyProcessor
 from streams.runtime import Metrics, ProcessorThread, Publisher, run_until
 from streams.settings import Settings
@@ -46,14 +45,20 @@ class Worker:
         self.stop_event = threading.Event()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.embedder = embedder or load_embedder(
-            settings.embedder, settings.device, settings.embedding_model_path
-        )
-        self.calibration = default_calibration(self.embedder.model_id, settings.match_threshold)
-        self.gallery = Gallery(self.embedder.model_id, self.embedder.dim)
-        self.matcher = Matcher(self.gallery, self.calibration, top_k=settings.top_k)
         self.publisher = Publisher(settings)
-        self.gallery_table = GalleryTable(settings, self.gallery)
+        self.gallery_table: GalleryTable | None = None
+        if MODEL_ROLES & set(roles):  # a sink-only worker needs no model
+            self.embedder = embedder or load_embedder(
+                settings.embedder, settings.device, settings.embedding_model_path
+            )
+            self.calibration = default_calibration(
+                self.embedder.model_id, settings.match_threshold, settings.calibration_path,
+                settings.operating_point,
+            )
+            self.gallery, self.matcher = build_gallery_and_matcher(
+                settings, self.embedder.model_id, self.embedder.dim, self.calibration
+            )
+            self.gallery_table = GalleryTable(settings, self.gallery)
         self.threads: list[ProcessorThread] = []
         self.sink: PostgresSink | None = None
 
@@ -63,7 +68,6 @@ class Worker:
             self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
         if self.gallery_table is not None:
             self.metrics.gallery_size.set_function(lambda: len(self.gallery))
-        if self.gallery_table is not None:
             self.gallery_table.start()
             if not self.gallery_table.ready.wait(ready_timeout_s):
                 raise TimeoutError("gallery table did not load in time")
