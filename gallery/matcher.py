@@ -21,11 +21,12 @@ Decisions, made again whenever a segment of the stream arrives:
   so the label with more, and more similar, speech keeps the name and the other gets its next
   acceptable candidate or UNKNOWN. Labels that sound like one voice share an identity instead;
 - re-labelling (optional): an earlier final segment whose identity, decided again with the evidence
-  now at hand, differs from what it was emitted with is emitted again with `revision` + 1, once its
-  evidence rests on `settle_windows` windows (at once if its speaker was deleted). Consumers keep,
-  per segment id, the highest revision. A new diarizer revision of the stream (end-of-stream
-  re-clustering) supersedes the live labelling: only its segments count from then on, and its
-  revisions always outrank ours.
+  now at hand, differs from what it was emitted with is emitted again, once its evidence rests on
+  `settle_windows` windows (at once if its speaker was deleted). The correction keeps the segment's
+  id and `revision` (the revision numbers the diarizer's labellings of the stream), so consumers
+  apply it as an update: the latest record of a (segment id, revision) wins, and the rows of a
+  stream's highest revision are its current labelling. A new diarizer revision of the stream
+  (end-of-stream re-clustering) supersedes the live labelling: only its segments count from then on.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class _Segment:
     payload: Any
     is_final: bool
     in_revision: int  # the diarizer's revision
-    out_revision: int  # ours: the diarizer's, plus one per re-labelling
+    out_revision: int  # what we emit: the diarizer's revision (corrections keep it)
     emitted_speaker: str | None = None
     emitted: bool = False
 
@@ -221,9 +222,8 @@ class Matcher:
             segment = _Segment(label, vector, count, None, False, revision, revision)
             stream.segments[segment_id] = segment
             return segment
-        if revision > segment.in_revision:  # a new diarizer revision: it must outrank ours
-            segment.out_revision = max(segment.out_revision + 1, revision)
-            segment.in_revision = revision
+        if revision > segment.in_revision:
+            segment.out_revision = segment.in_revision = revision
         segment.label, segment.embedding, segment.window_count = label, vector, count
         return segment
 
@@ -359,7 +359,6 @@ class Matcher:
                 gone = segment.emitted_speaker is not None and segment.emitted_speaker not in self.gallery
                 taken = self.exclusive and owners.get(ident.speaker_id, name) != name
                 if gone or (windows >= self.settle_windows and not taken):
-                    segment.out_revision += 1
                     out.append(self._emit(segment, ident, relabelled=True))
         return out
 

@@ -2,6 +2,19 @@
 
 All streams of the partitions this worker owns are handled together: the windows that a poll's
 chunks complete, across streams, are embedded in one batch.
+
+Segments: live turns have ids `<stream>:<turn>` and `revision` 0 (provisional updates and the final
+version share the id); the end-of-stream re-clustering emits a complete new labelling with ids
+`<stream>:r1:<turn>` and `revision` 1. A consumer shows, per stream, the rows of the highest revision
+it has seen: once revision 1 arrives it replaces every revision-0 row of that stream.
+
+State that survives a restart: every `state_every_s` seconds of audio (and when a partition is
+revoked) each stream's diarizer is snapshotted to the compacted `diarizer.state` topic, keyed by
+stream id, in the same partition number as the stream's audio. A worker that meets a stream it does
+not know at a sequence number above 0 loads the snapshot and replays the audio topic from the
+snapshot's resume offset, so nothing between the snapshot and the crash is lost; segments of the replay
+carry the same ids as before, which the sink's upserts absorb. The stream's end deletes its state
+(tombstones).
 """
 
 from __future__ import annotations
@@ -11,23 +24,42 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from processors.audio import AudioDecodeError, decode_pcm
-from processors.clustering import OnlineClustering
-from processors.diarization import StreamDiarizer, TurnUpdate, Window
+from processors.diarization import SNAPSHOT_FORMAT, DiarizerConfig, StreamDiarizer, TurnUpdate, Window
 from processors.embedding import Embedder
 from processors.vad import VadConfig
+from schemas import codec
 from streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms, send_to_dead_letter
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
 REORDER_LIMIT = 32  # chunks held while waiting for a missing sequence number
+WINDOW_BLOCK = 256  # windows per immutable state block (keeps each state record well under 1 MB)
+STATE_TOPIC = "diarizer.state"
 
 
 class ChunkRejected(ValueError):
     """A chunk that is well-formed Avro but cannot be used (wrong format for its stream, etc.)."""
+
+
+def diarizer_config(settings: Settings) -> DiarizerConfig:
+    """The diarizer of every stream, from the settings."""
+    return DiarizerConfig(
+        window_s=settings.window_s,
+        hop_s=settings.hop_s,
+        latency_s=settings.latency_s,
+        new_speaker_distance=settings.new_speaker_threshold,
+        vad=VadConfig(threshold=settings.vad_threshold),
+    )
+
+
+def segment_id(stream_id: str, update: TurnUpdate) -> str:
+    if update.revision == 0:
+        return f"{stream_id}:{update.turn_index:05d}"
+    return f"{stream_id}:r{update.revision}:{update.turn_index:05d}"
 
 
 @dataclass
@@ -42,6 +74,14 @@ class StreamState:
     held: dict[int, tuple[Message, dict]] = field(default_factory=dict)  # out-of-order chunks
     last_chunk_monotonic: float = field(default_factory=time.monotonic)
     ended: bool = False
+    applied_offset: int = -1  # audio-topic offset of the last chunk applied to the diarizer
+    saved_audio_s: float = 0.0  # audio position of the last snapshot
+    saved_blocks: int = 0  # window blocks already in the state topic
+
+    def resume_offset(self) -> int:
+        """Where a replay must start so that no chunk missing from the state is skipped."""
+        offsets = [self.applied_offset + 1] + [m.offset() for m, _ in self.held.values()]
+        return min(offsets)
 
 
 class DiarizeProcessor(Processor):
@@ -53,29 +93,51 @@ class DiarizeProcessor(Processor):
         self.settings = settings
         self.embedder = embedder
         self.metrics = metrics
+        self.config = diarizer_config(settings)
         self.streams: dict[str, StreamState] = {}
+        self.store = DiarizerStateStore(settings)
         self._out_topic = settings.topic("segments.diarized")
+        self._publisher: Publisher | None = None
 
     # -- input -----------------------------------------------------------------------------------
     def handle(self, messages: list[Message], publisher: Publisher) -> None:
+        self._publisher = publisher
         pending: list[tuple[StreamState, Window]] = []
         ended: list[StreamState] = []
+        touched: dict[str, StreamState] = {}
         for msg in messages:
             chunk = decode_or_dead_letter(msg, "AudioChunk", self.role, publisher, self.metrics)
             if chunk is None:
                 continue
-            for ready_msg, ready_chunk in self._in_order(msg, chunk):
-                try:
-                    state, windows = self._push(ready_msg, ready_chunk)
-                except (AudioDecodeError, ChunkRejected) as exc:
-                    send_to_dead_letter(ready_msg, self.role, exc, publisher, self.metrics)
-                    continue
-                pending += [(state, w) for w in windows]
-                if state.ended:
-                    ended.append(state)
+            if chunk["stream_id"] not in self.streams and chunk["seq"] > 0:
+                pending += self._recover(msg, chunk, publisher, ended, touched)
+            pending += self._accept(msg, chunk, publisher, ended, touched)
         self._embed_and_emit(pending, publisher)
         for state in ended:
             self._finish(state, publisher)
+        self._save_due(touched.values(), publisher)
+
+    def _accept(
+        self,
+        msg: Message,
+        chunk: dict,
+        publisher: Publisher,
+        ended: list[StreamState],
+        touched: dict[str, StreamState],
+    ) -> list[tuple[StreamState, Window]]:
+        """Windows the chunk (and held chunks it releases) complete."""
+        out: list[tuple[StreamState, Window]] = []
+        for ready_msg, ready_chunk in self._in_order(msg, chunk):
+            try:
+                state, windows = self._push(ready_msg, ready_chunk)
+            except (AudioDecodeError, ChunkRejected) as exc:
+                send_to_dead_letter(ready_msg, self.role, exc, publisher, self.metrics)
+                continue
+            touched[state.stream_id] = state
+            out += [(state, w) for w in windows]
+            if state.ended and state not in ended:
+                ended.append(state)
+        return out
 
     def _in_order(self, msg: Message, chunk: dict) -> list[tuple[Message, dict]]:
         """Chunks that can be processed now, in sequence order; duplicates are dropped."""
@@ -87,6 +149,7 @@ class DiarizeProcessor(Processor):
             return []
         if state is None and seq != 0:
             log.warning("stream %s starts at seq %d (earlier chunks missing)", chunk["stream_id"], seq)
+            self.metrics.inc("chunks.gap")
             return [(msg, chunk)]
         if seq > expected and state is not None:
             state.held[seq] = (msg, chunk)
@@ -116,6 +179,7 @@ class DiarizeProcessor(Processor):
             )
         state.next_seq = max(state.next_seq, chunk["seq"] + 1)
         state.last_chunk_monotonic = time.monotonic()
+        state.applied_offset = max(state.applied_offset, msg.offset() or 0)
         samples = decode_pcm(chunk["payload"], chunk["encoding"], chunk["sample_rate"], chunk["channels"])
         self.metrics.inc("chunks")
         windows = state.diarizer.push_audio(samples) if samples.size else []
@@ -125,16 +189,9 @@ class DiarizeProcessor(Processor):
         return state, windows
 
     def _open(self, msg: Message, chunk: dict) -> StreamState:
-        s = self.settings
-        diarizer = StreamDiarizer(
-            window_s=s.window_s,
-            hop_s=s.hop_s,
-            vad_config=VadConfig(threshold=s.vad_threshold),
-            clustering=OnlineClustering(new_speaker_distance=s.new_speaker_threshold),
-        )
         state = StreamState(
             chunk["stream_id"],
-            diarizer,
+            StreamDiarizer(self.config),
             chunk["capture_ts_ms"],
             chunk["sample_rate"],
             chunk["channels"],
@@ -143,7 +200,90 @@ class DiarizeProcessor(Processor):
         )
         self.streams[state.stream_id] = state
         log.info("stream %s opened (%d Hz, %d ch)", state.stream_id, state.sample_rate, state.channels)
+        if self._publisher is not None:
+            self._stream_event(self._publisher, state, "STARTED")
         return state
+
+    def _stream_event(
+        self, publisher: Publisher, state: StreamState, event: str, revised: list[TurnUpdate] = (),
+        reason: str | None = None,
+    ) -> None:
+        """Lifecycle of the stream (the job downstream tables track); ENDED says which revision is final
+        and how many segments it has, so a consumer knows when it holds the whole labelling."""
+        finals = {u.turn_index: u.label for u in revised if u.is_final}
+        record = {
+            "stream_id": state.stream_id, "event": event, "at_ms": now_ms(),
+            "audio_seconds": round(state.diarizer.audio_s, 3), "speakers": len(set(finals.values())),
+            "revision": max((u.revision for u in revised), default=0), "segments": len(finals),
+            "reason": reason, "metadata": {},
+        }
+        publisher.publish(self.settings.topic("streams"), state.stream_id, "StreamEvent", record)
+
+    # -- recovery after a restart or a rebalance ---------------------------------------------------
+    def _recover(
+        self,
+        msg: Message,
+        chunk: dict,
+        publisher: Publisher,
+        ended: list[StreamState],
+        touched: dict[str, StreamState],
+    ) -> list[tuple[StreamState, Window]]:
+        """Restore a stream met mid-way from its snapshot and replay the audio the snapshot lacks."""
+        stream_id, partition = chunk["stream_id"], msg.partition() or 0
+        saved = self.store.load(stream_id, partition)
+        if saved is None:
+            return []
+        core, blocks = saved
+        if core["model_id"] != self.embedder.model_id or core["snapshot_format"] != SNAPSHOT_FORMAT:
+            log.warning("stream %s: saved state is for another model or format; starting afresh", stream_id)
+            return []
+        diarizer = StreamDiarizer.restore(core["snapshot"], blocks)
+        state = StreamState(
+            stream_id,
+            diarizer,
+            core["origin_capture_ts_ms"],
+            core["sample_rate"],
+            core["channels"],
+            partition,
+            next_seq=core["next_seq"],
+            applied_offset=core["resume_offset"] - 1,
+            saved_audio_s=core["audio_s"],
+            saved_blocks=len(blocks),
+        )
+        self.streams[stream_id] = state
+        self.metrics.inc("streams.restored")
+        log.info("stream %s restored at %.1f s (seq %d)", stream_id, core["audio_s"], core["next_seq"])
+        out: list[tuple[StreamState, Window]] = []
+        for old_msg, old_chunk in self.store.replay(
+            msg.topic(), partition, core["resume_offset"], msg.offset()
+        ):
+            if old_chunk["stream_id"] == stream_id:
+                out += self._accept(old_msg, old_chunk, publisher, ended, touched)
+        return out
+
+    def _save_due(self, states, publisher: Publisher) -> None:
+        due = [
+            s
+            for s in states
+            if not s.ended
+            and s.stream_id in self.streams
+            and s.diarizer.audio_s - s.saved_audio_s >= self.settings.state_every_s
+        ]
+        if due:
+            publisher.flush()  # outputs first: a state never gets ahead of what was emitted
+            for state in due:
+                self._save(state)
+            self.store.flush()
+
+    def _save(self, state: StreamState) -> None:
+        full = state.diarizer.window_count // WINDOW_BLOCK
+        for block in range(state.saved_blocks, full):
+            rows = state.diarizer.window_rows(block * WINDOW_BLOCK, (block + 1) * WINDOW_BLOCK)
+            self.store.save_block(state, block, rows)
+        state.saved_blocks = full
+        self.store.save_core(state, state.diarizer.snapshot(windows_from=full * WINDOW_BLOCK), self.embedder)
+        state.saved_audio_s = state.diarizer.audio_s
+        self.metrics.inc("state.snapshots")
 
     # -- embedding and output --------------------------------------------------------------------
     def _embed_and_emit(self, pending: list[tuple[StreamState, Window]], publisher: Publisher) -> None:
@@ -158,18 +298,19 @@ class DiarizeProcessor(Processor):
             for state, windows, embs in by_stream.values():
                 self._emit(state, state.diarizer.add_embeddings(windows, np.stack(embs)), publisher)
         for state in list(self.streams.values()):
-            self._emit(state, state.diarizer.close_idle_turn(), publisher)
+            if not state.ended:
+                self._emit(state, state.diarizer.updates(), publisher)
 
     def _emit(self, state: StreamState, updates: list[TurnUpdate], publisher: Publisher) -> None:
         for update in updates:
             record = {
-                "segment_id": f"{state.stream_id}:{update.turn_index:05d}",
+                "segment_id": segment_id(state.stream_id, update),
                 "stream_id": state.stream_id,
                 "label": update.label,
                 "start_s": round(update.start_s, 3),
                 "end_s": round(update.end_s, 3),
                 "is_final": update.is_final,
-                "revision": 0,
+                "revision": update.revision,
                 "embedding": update.embedding.tolist(),
                 "window_count": update.window_count,
                 "model_id": self.embedder.model_id,
@@ -177,26 +318,167 @@ class DiarizeProcessor(Processor):
                 "emitted_at_ms": now_ms(),
             }
             publisher.publish(self._out_topic, state.stream_id, "DiarizedSegment", record)
-            self.metrics.inc("segments.final" if update.is_final else "segments.provisional")
+            kind = "revision" if update.revision else ("final" if update.is_final else "provisional")
+            self.metrics.inc(f"segments.{kind}")
 
     def _finish(self, state: StreamState, publisher: Publisher) -> None:
         self._emit(state, state.diarizer.finish(), publisher)
+        revised = state.diarizer.revise()
+        self._emit(state, revised, publisher)
+        self._stream_event(publisher, state, "ENDED", revised)
         self.streams.pop(state.stream_id, None)
-        log.info("stream %s ended", state.stream_id)
+        self.store.delete(state)
+        log.info("stream %s ended (%d windows)", state.stream_id, state.diarizer.window_count)
 
     # -- timers and rebalancing ------------------------------------------------------------------
     def tick(self, publisher: Publisher) -> None:
+        self._publisher = publisher
         cutoff = time.monotonic() - self.settings.idle_timeout_s
         idle = [s for s in self.streams.values() if s.last_chunk_monotonic < cutoff]
         for state in idle:
             log.info("stream %s idle for %.0f s: ending it", state.stream_id, self.settings.idle_timeout_s)
             windows = state.diarizer.end_audio()
+            state.ended = True
             self._embed_and_emit([(state, w) for w in windows], publisher)
             self._finish(state, publisher)
         if idle:
             publisher.flush()
+            self.store.flush()
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Hand streams over cleanly: snapshot them now, so the next owner replays nothing."""
         lost = {p.partition for p in partitions if p.topic == self.settings.topic("audio")}
-        for stream_id in [k for k, s in self.streams.items() if s.partition in lost]:
-            del self.streams[stream_id]
+        leaving = [s for s in self.streams.values() if s.partition in lost]
+        if leaving and self._publisher is not None:
+            self._publisher.flush()
+            for state in leaving:
+                self._save(state)
+            self.store.flush()
+        for state in leaving:
+            del self.streams[state.stream_id]
+        self.store.forget(lost)
+
+
+class DiarizerStateStore:
+    """The compacted `diarizer.state` topic: per stream a core record (key = stream id) and immutable
+    window blocks (key = `<stream id>#windows-<n>`), all in the stream's audio partition number."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = settings.topic(STATE_TOPIC)
+        self._producer: Producer | None = None
+        self._loaded: dict[int, dict[str, dict]] = {}  # partition -> key -> record (latest)
+
+    def _produce(self, key: str, partition: int, record: dict | None) -> None:
+        if self._producer is None:
+            self._producer = Producer(self.settings.producer_config())
+        value = None if record is None else codec.encode("DiarizerState", record)
+        while True:
+            try:
+                self._producer.produce(self.topic, key=key, value=value, partition=partition)
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+
+    def _record(self, state: StreamState, part: str, snapshot: bytes, model_id: str) -> dict:
+        return {
+            "stream_id": state.stream_id,
+            "part": part,
+            "snapshot": snapshot,
+            "snapshot_format": SNAPSHOT_FORMAT,
+            "audio_s": state.diarizer.audio_s,
+            "next_seq": state.next_seq,
+            "resume_offset": state.resume_offset(),
+            "origin_capture_ts_ms": state.origin_capture_ms,
+            "sample_rate": state.sample_rate,
+            "channels": state.channels,
+            "model_id": model_id,
+            "saved_at_ms": now_ms(),
+        }
+
+    def save_core(self, state: StreamState, snapshot: bytes, embedder: Embedder) -> None:
+        self._produce(
+            state.stream_id, state.partition, self._record(state, "core", snapshot, embedder.model_id)
+        )
+
+    def save_block(self, state: StreamState, block: int, rows: bytes) -> None:
+        key = f"{state.stream_id}#windows-{block:05d}"
+        self._produce(key, state.partition, self._record(state, f"windows-{block:05d}", rows, ""))
+
+    def delete(self, state: StreamState) -> None:
+        """Tombstones for every record of a finished stream."""
+        for block in range(state.saved_blocks):
+            self._produce(f"{state.stream_id}#windows-{block:05d}", state.partition, None)
+        self._produce(state.stream_id, state.partition, None)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        if self._producer is not None and self._producer.flush(timeout_s):
+            raise RuntimeError(f"diarizer state not delivered within {timeout_s} s")
+
+    def forget(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            self._loaded.pop(partition, None)
+
+    def load(self, stream_id: str, partition: int) -> tuple[dict, list[bytes]] | None:
+        """The stream's latest core record and its window blocks in order, or None."""
+        if partition not in self._loaded:
+            self._loaded[partition] = self._read_partition(partition)
+        records = self._loaded[partition]
+        core = records.get(stream_id)
+        if core is None:
+            return None
+        blocks = []
+        for block in range(len(records)):
+            record = records.get(f"{stream_id}#windows-{block:05d}")
+            if record is None:
+                break
+            blocks.append(record["snapshot"])
+        return core, blocks
+
+    def _read_partition(self, partition: int) -> dict[str, dict]:
+        """Latest record per key of one state partition (tombstones remove keys)."""
+        consumer = Consumer(self.settings.consumer_config(None))
+        records: dict[str, dict] = {}
+        try:
+            if self.topic not in consumer.list_topics(self.topic, timeout=10).topics:
+                return records
+            _, end = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
+            consumer.assign([TopicPartition(self.topic, partition, OFFSET_BEGINNING)])
+            position = 0
+            deadline = time.monotonic() + 30
+            while position < end and time.monotonic() < deadline:
+                for msg in consumer.consume(500, timeout=0.2):
+                    if msg.error() is not None:
+                        continue
+                    position = msg.offset() + 1
+                    key = (msg.key() or b"").decode()
+                    if msg.value() is None:
+                        records.pop(key, None)
+                    else:
+                        records[key] = codec.decode("DiarizerState", msg.value())
+        finally:
+            consumer.close()
+        return records
+
+    def replay(self, topic: str, partition: int, start: int, stop: int):
+        """Audio chunks of one partition with offsets in [start, stop), decoded, in order."""
+        if start >= stop:
+            return
+        consumer = Consumer(self.settings.consumer_config(None))
+        try:
+            consumer.assign([TopicPartition(topic, partition, start)])
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(500, timeout=0.2):
+                    if msg.error() is not None or msg.value() is None:
+                        continue
+                    if msg.offset() >= stop:
+                        return
+                    try:
+                        yield msg, codec.decode("AudioChunk", msg.value())
+                    except codec.SchemaError:
+                        continue  # it went to the dead-letter topic the first time
+                    if msg.offset() + 1 >= stop:
+                        return
+        finally:
+            consumer.close()

@@ -44,13 +44,21 @@ def test_identifies_enrolled_speakers_and_flags_a_stranger(settings, database_ur
         assert len(worker.gallery) == 3
 
         play_audio(publisher, "call-1", scenario.audio, chunk_s=0.5, realtime=False)
+        ended = wait_for(
+            settings,
+            settings.topic("streams"),
+            "StreamEvent",
+            lambda e: e["stream_id"] == "call-1" and e["event"] == "ENDED",
+            timeout_s=180,
+        )
+        assert ended["revision"] == 1 and ended["segments"] > 0  # the end-of-stream re-clustering
         finals: dict[str, dict] = {}
         for seg in follow(
-            settings, settings.topic("segments.identified"), "IdentifiedSegment", timeout_s=180
+            settings, settings.topic("segments.identified"), "IdentifiedSegment", timeout_s=120
         ):
-            if seg["is_final"]:
-                finals[seg["segment_id"]] = seg
-            if finals and max(s["end_s"] for s in finals.values()) >= scenario.duration_s - 2.0:
+            if seg["is_final"] and seg["revision"] == ended["revision"]:
+                finals[seg["segment_id"]] = seg  # a later record of a segment corrects the earlier one
+            if len(finals) == ended["segments"]:
                 break
     finally:
         worker.stop()
@@ -78,7 +86,7 @@ def test_identifies_enrolled_speakers_and_flags_a_stranger(settings, database_ur
             rows = {
                 r[0]: r
                 for r in conn.execute(
-                    "SELECT segment_id, speaker_id, name, start_s, end_s FROM segments"
+                    "SELECT segment_id, speaker_id, name, start_s, end_s FROM current_segments"
                     " WHERE stream_id = 'call-1' AND is_final"
                 )
             }

@@ -151,7 +151,7 @@ def _later(basis: np.ndarray) -> np.ndarray:
     return _unit(0.7 * basis[0] + 0.7 * basis[5])  # Alice at 0.71
 
 
-def test_relabelling_reemits_earlier_segments_with_a_higher_revision(basis):
+def test_relabelling_reemits_earlier_segments_as_corrections_of_the_same_revision(basis):
     gallery = _gallery(basis, {"alice": 0, "bob": 1})
     matcher = _matcher(gallery, relabel=True, settle_windows=6)
     out = matcher.observe("s", "s:0", "A", _early(basis), 2, is_final=True, payload={"segment_id": "s:0"})
@@ -161,7 +161,7 @@ def test_relabelling_reemits_earlier_segments_with_a_higher_revision(basis):
     assert out[0].identification.speaker_id == "alice" and out[0].revision == 0
     relabelled = [e for e in out if e.relabelled]
     assert [e.payload["segment_id"] for e in relabelled] == ["s:0"]
-    assert relabelled[0].revision == 1 and relabelled[0].identification.speaker_id == "alice"
+    assert relabelled[0].revision == 0 and relabelled[0].identification.speaker_id == "alice"
     # Nothing changes, nothing is re-emitted.
     again = matcher.observe("s", "s:1", "A", _later(basis), 9, is_final=True, payload={"segment_id": "s:1"})
     assert [e.relabelled for e in again] == [False]
@@ -170,8 +170,8 @@ def test_relabelling_reemits_earlier_segments_with_a_higher_revision(basis):
     out = matcher.observe("s", "s:2", "A", basis[0], 4, is_final=True, payload={"segment_id": "s:2"})
     assert out[0].identification.speaker_id is None
     assert sorted((e.payload["segment_id"], e.revision) for e in out if e.relabelled) == [
-        ("s:0", 2),
-        ("s:1", 1),
+        ("s:0", 0),
+        ("s:1", 0),
     ]
 
 
@@ -187,15 +187,15 @@ def test_relabelling_waits_until_the_label_is_settled(basis):
     assert not [e for e in plain.observe("s", "s:1", "A", _later(basis), 50) if e.relabelled]
 
 
-def test_a_new_diarizer_revision_outranks_our_relabellings(basis):
+def test_a_new_diarizer_revision_replaces_the_live_labelling(basis):
     gallery = _gallery(basis, {"alice": 0, "bob": 1})
     matcher = _matcher(gallery, relabel=True, settle_windows=4)
     matcher.observe("s", "s:0", "A", _early(basis), 1, is_final=True)
     out = matcher.observe("s", "s:1", "A", _later(basis), 8, is_final=True)
-    assert [(e.revision, e.relabelled) for e in out] == [(0, False), (1, True)]
-    # The diarizer's end-of-stream revision 1 of s:0 moves it to another label: it must win over ours.
+    assert [(e.revision, e.relabelled) for e in out] == [(0, False), (0, True)]
+    # The diarizer's end-of-stream revision 1 of s:0 moves it to another label: revision 1 it is.
     revised = matcher.observe("s", "s:0", "B", basis[1], 6, is_final=True, revision=1)
-    assert revised[0].revision == 2
+    assert revised[0].revision == 1
     assert revised[0].identification.speaker_id == "bob"
 
 
