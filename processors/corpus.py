@@ -23,16 +23,19 @@ class Utterance:
     path: Path
     speaker: str
     duration_s: float
+    license: str = ""
 
 
 def load_manifest(folder: Path | str) -> list[Utterance]:
+    """Rows of a corpus; `folder` is the corpus folder or its manifest file."""
     folder = Path(folder)
-    manifest = folder / "manifest.csv"
+    manifest = folder if folder.suffix == ".csv" else folder / "manifest.csv"
+    folder = manifest.parent
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: a corpus folder needs a manifest.csv")
     with manifest.open(newline="") as fh:
         return [
-            Utterance(folder / row["path"], row["speaker"], float(row["duration_s"]))
+            Utterance(folder / row["path"], row["speaker"], float(row["duration_s"]), row.get("license", ""))
             for row in csv.DictReader(fh)
         ]
 

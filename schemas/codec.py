@@ -41,6 +41,7 @@ RECORDS: tuple[str, ...] = (
     "VerificationResult",
     "DeadLetter",
     "StreamEvent",
+    "DiarizerState",
 )
 
 _DIR = Path(__file__).resolve().parent

@@ -205,17 +205,26 @@ class DiarizeProcessor(Processor):
         return state
 
     def _stream_event(
-        self, publisher: Publisher, state: StreamState, event: str, revised: list[TurnUpdate] = (),
+        self,
+        publisher: Publisher,
+        state: StreamState,
+        event: str,
+        revised: list[TurnUpdate] = (),
         reason: str | None = None,
     ) -> None:
         """Lifecycle of the stream (the job downstream tables track); ENDED says which revision is final
         and how many segments it has, so a consumer knows when it holds the whole labelling."""
         finals = {u.turn_index: u.label for u in revised if u.is_final}
         record = {
-            "stream_id": state.stream_id, "event": event, "at_ms": now_ms(),
-            "audio_seconds": round(state.diarizer.audio_s, 3), "speakers": len(set(finals.values())),
-            "revision": max((u.revision for u in revised), default=0), "segments": len(finals),
-            "reason": reason, "metadata": {},
+            "stream_id": state.stream_id,
+            "event": event,
+            "at_ms": now_ms(),
+            "audio_seconds": round(state.diarizer.audio_s, 3),
+            "speakers": len(set(finals.values())),
+            "revision": max((u.revision for u in revised), default=0),
+            "segments": len(finals),
+            "reason": reason,
+            "metadata": {},
         }
         publisher.publish(self.settings.topic("streams"), state.stream_id, "StreamEvent", record)
 

@@ -79,16 +79,18 @@ class Settings:
         "auto",
         "`auto` (fp32 on CPU, fp16 autocast on CUDA), `fp32`, `fp16`/`bf16` (CUDA), `int8` (CPU, ecapa).",
     )
-    torch_threads: int = _env("SPEAKERFLOW_TORCH_THREADS", 0, "CPU threads for inference; 0 = all cores.")
+    torch_threads: int = _env(
+        "SPEAKERFLOW_TORCH_THREADS", 1, "Intra-op CPU threads of a worker (1 suits VAD; scale by processes)."
+    )
     batch_max_size: int = _env("SPEAKERFLOW_BATCH_MAX_SIZE", 64, "Most windows per embedding batch.")
     batch_max_wait_ms: int = _env("SPEAKERFLOW_BATCH_MAX_WAIT_MS", 20, "Longest a window waits for a batch.")
 
     # --- Diarization -------------------------------------------------------------------------------
     window_s: float = _env("SPEAKERFLOW_WINDOW_S", 1.5, "Embedding window length (seconds).")
-    hop_s: float = _env("SPEAKERFLOW_HOP_S", 0.75, "Hop between windows (seconds).")
+    hop_s: float = _env("SPEAKERFLOW_HOP_S", 0.5, "Hop between windows (seconds).")
     vad_threshold: float = _env("SPEAKERFLOW_VAD_THRESHOLD", 0.5, "Silero speech probability threshold.")
     new_speaker_threshold: float = _env(
-        "SPEAKERFLOW_NEW_SPEAKER_DISTANCE", 0.35, "Cosine distance above which a window opens a new speaker."
+        "SPEAKERFLOW_NEW_SPEAKER_DISTANCE", 0.25, "Cosine distance above which a window opens a new speaker."
     )
     idle_timeout_s: float = _env(
         "SPEAKERFLOW_IDLE_TIMEOUT_S", 30.0, "A stream with no chunk for this long is ended."

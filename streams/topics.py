@@ -55,6 +55,13 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("verification.results", "request id", "VerificationResult", {}, "1:1 verification decisions."),
     TopicSpec("streams", "stream id", "StreamEvent", {}, "Stream (job) lifecycle: started, ended, failed."),
     TopicSpec(
+        "diarizer.state",
+        "stream id (blocks: <stream id>#windows-<n>)",
+        "DiarizerState",
+        {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1", "segment.ms": "3600000"},
+        "Compacted snapshots of each live stream's diarizer; restored after a restart or rebalance.",
+    ),
+    TopicSpec(
         "deadletter",
         "original key",
         "DeadLetter",

@@ -18,6 +18,20 @@ EMB = [0.125, -0.5, 0.25, 0.75]  # exactly representable as float32, so round tr
 SAMPLE = {"payload": b"RIFF....WAVE", "uri": None, "encoding": "WAV", "sample_rate": 16000, "channels": 1}
 
 EXAMPLES: dict[str, dict[str, Any]] = {
+    "DiarizerState": {
+        "stream_id": "call-42",
+        "part": "core",
+        "snapshot": b"PK\x03\x04npz",
+        "snapshot_format": 1,
+        "audio_s": 12.5,
+        "next_seq": 25,
+        "resume_offset": 1_234,
+        "origin_capture_ts_ms": NOW,
+        "sample_rate": 16000,
+        "channels": 1,
+        "model_id": "ge2e-resemblyzer-1a2b3c4d",
+        "saved_at_ms": NOW + 12_500,
+    },
     "StreamEvent": {
         "stream_id": "call-42",
         "event": "ENDED",

@@ -1,0 +1,352 @@
+"""Scoring diarization against RTTM references with pyannote.metrics, live and after the revision.
+
+Conventions (stated once, used everywhere):
+
+- DER and JER come from `pyannote.metrics` with `skip_overlap=False` (overlapped speech is scored) at
+  collars 0 and 0.25 s. pyannote's collar is the *total* width removed around each reference boundary
+  (0.125 s either side for 0.25).
+- **Live DER at latency L**: audio is fed in chunks; a sample *arrives* when the chunk holding it has
+  been delivered. The live hypothesis at latency L gives each 10-ms frame at time t the labels of the
+  segments that covered t, as last emitted (provisional or final) once audio up to arrival(t) + L had
+  been processed. A frame no segment covered by then counts as no speech (missed if it was speech).
+  Compute time is not part of this clock; it is reported separately as a real-time factor.
+- The **live final** labelling is every segment in its last live version (latency infinity); the
+  **revision** is the end-of-stream re-clustering that replaces it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pyannote.core import Annotation, Segment, Timeline
+from pyannote.metrics.diarization import DiarizationErrorRate, JaccardErrorRate
+
+from processors.audio import decode_file
+from processors.corpus import load_manifest
+from processors.diarization import DiarizerConfig, StreamDiarizer, TurnUpdate, Window
+from processors.diarization_baselines import baseline_windows, reference_design, speechbrain_spectral
+
+COLLARS = (0.0, 0.25)
+FRAME_S = 0.01
+
+
+@dataclass(frozen=True)
+class Emission:
+    """One segment version as emitted by a live diarizer, with the stream time it was emitted at."""
+
+    clock_s: float  # audio processed (stream seconds) when this version was emitted
+    segment_id: str
+    label: str
+    start_s: float
+    end_s: float
+    is_final: bool
+
+
+# -- reading references ------------------------------------------------------------------------------
+def load_rttm(path: Path | str) -> dict[str, Annotation]:
+    """Annotations by file id from an RTTM file (SPEAKER lines only)."""
+    out: dict[str, Annotation] = {}
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 8 or parts[0] != "SPEAKER":
+            continue
+        file_id, start, duration, speaker = parts[1], float(parts[3]), float(parts[4]), parts[7]
+        annotation = out.setdefault(file_id, Annotation(uri=file_id))
+        annotation[Segment(start, start + duration), len(annotation)] = speaker
+    return out
+
+
+def load_uem(path: Path | str) -> Timeline | None:
+    """The scored regions of a UEM file (all files in it together), or None when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    segments = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 4:
+            segments.append(Segment(float(parts[2]), float(parts[3])))
+    return Timeline(segments).support() if segments else None
+
+
+def annotation(segments: Iterable[tuple[float, float, str]], uri: str = "") -> Annotation:
+    out = Annotation(uri=uri)
+    for i, (start, end, label) in enumerate(segments):
+        if end > start:
+            out[Segment(start, end), i] = label
+    return out
+
+
+# -- live labellings ---------------------------------------------------------------------------------
+def final_live(emissions: list[Emission], uri: str = "") -> Annotation:
+    """Every segment in its last emitted version (what a consumer of the live topic ends up with)."""
+    latest: dict[str, Emission] = {}
+    for e in sorted(emissions, key=lambda e: e.clock_s):
+        latest[e.segment_id] = e
+    return annotation(((e.start_s, e.end_s, e.label) for e in latest.values()), uri)
+
+
+def live_at_latency(
+    emissions: list[Emission], latency_s: float, chunk_s: float, duration_s: float, uri: str = ""
+) -> Annotation:
+    """The labelling each frame had `latency_s` after its audio arrived (see the module docstring)."""
+    frames = math.ceil(duration_s / FRAME_S)
+    centres = (np.arange(frames) + 0.5) * FRAME_S
+    arrival = np.minimum(np.ceil(centres / chunk_s - 1e-9) * chunk_s, duration_s)
+    horizon = arrival + latency_s  # non-decreasing: the clock at which each frame is judged
+    versions: dict[str, list[Emission]] = {}
+    for e in sorted(emissions, key=lambda e: e.clock_s):
+        versions.setdefault(e.segment_id, []).append(e)
+    labels: dict[str, np.ndarray] = {}
+    for chain in versions.values():
+        for version, successor in zip(chain, [*chain[1:], None], strict=True):
+            # Frames judged while this version was the newest one of its segment ...
+            first = int(np.searchsorted(horizon, version.clock_s - 1e-9, side="left"))
+            last = frames if successor is None else int(np.searchsorted(horizon, successor.clock_s - 1e-9))
+            # ... and inside the version's extent.
+            first = max(first, math.ceil(version.start_s / FRAME_S - 0.5))
+            last = min(last, math.ceil(version.end_s / FRAME_S - 0.5))
+            if last > first:
+                labels.setdefault(version.label, np.zeros(frames, bool))[first:last] = True
+    return _frames_to_annotation(labels, uri)
+
+
+def _frames_to_annotation(labels: dict[str, np.ndarray], uri: str) -> Annotation:
+    out = Annotation(uri=uri)
+    for label, active in labels.items():
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], active.astype(np.int8), [0]])))
+        for start, end in zip(edges[0::2], edges[1::2], strict=True):
+            out[Segment(start * FRAME_S, end * FRAME_S), len(out)] = label
+    return out
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+def speaker_count(annotation_: Annotation, uem: Timeline | None, min_s: float = 0.0) -> int:
+    """Labels with more than `min_s` of speech inside the scored region."""
+    scoped = annotation_.crop(uem) if uem is not None else annotation_
+    return sum(1 for label in scoped.labels() if scoped.label_duration(label) > min_s)
+
+
+class Scorer:
+    """Accumulates DER/JER per labelling (e.g. 'revision', 'live@2s') and collar, per file and in total."""
+
+    def __init__(self, collars: tuple[float, ...] = COLLARS) -> None:
+        self.collars = collars
+        self._der: dict[tuple[str, float], DiarizationErrorRate] = {}
+        self._jer: dict[tuple[str, float], JaccardErrorRate] = {}
+        self._counts: dict[str, list[int]] = {}
+        self.rows: list[dict] = []
+
+    def add(
+        self,
+        file_id: str,
+        labelling: str,
+        reference: Annotation,
+        hypothesis: Annotation,
+        uem: Timeline | None,
+    ) -> dict:
+        """Score one file's hypothesis; returns (and keeps) its row."""
+        uem = uem if uem is not None else _extent(reference, hypothesis)
+        row: dict = {"file": file_id, "labelling": labelling}
+        for collar in self.collars:
+            der = self._der.setdefault(
+                (labelling, collar), DiarizationErrorRate(collar=collar, skip_overlap=False)
+            )
+            jer = self._jer.setdefault(
+                (labelling, collar), JaccardErrorRate(collar=collar, skip_overlap=False)
+            )
+            parts = der(reference, hypothesis, uem=uem, detailed=True)
+            row[f"der@{collar}"] = parts["diarization error rate"]
+            row[f"missed@{collar}"] = _share(parts, "missed detection")
+            row[f"false_alarm@{collar}"] = _share(parts, "false alarm")
+            row[f"confusion@{collar}"] = _share(parts, "confusion")
+            row[f"jer@{collar}"] = jer(reference, hypothesis, uem=uem)
+        ref_count = speaker_count(reference, uem)
+        hyp_count = speaker_count(hypothesis, uem)
+        row["ref_speakers"], row["hyp_speakers"] = ref_count, hyp_count
+        row["count_error"] = hyp_count - ref_count
+        self._counts.setdefault(labelling, []).append(hyp_count - ref_count)
+        self.rows.append(row)
+        return row
+
+    def totals(self) -> dict[str, dict]:
+        """Per labelling: DER components over all files (time-weighted), JER, speaker-count summary."""
+        out: dict[str, dict] = {}
+        for (labelling, collar), der in self._der.items():
+            total = der.accumulated_
+            entry = out.setdefault(labelling, {"files": len(self._counts.get(labelling, []))})
+            entry[f"der@{collar}"] = abs(der)
+            entry[f"missed@{collar}"] = _share(total, "missed detection")
+            entry[f"false_alarm@{collar}"] = _share(total, "false alarm")
+            entry[f"confusion@{collar}"] = _share(total, "confusion")
+            entry[f"jer@{collar}"] = abs(self._jer[(labelling, collar)])
+        for labelling, errors in self._counts.items():
+            entry = out.setdefault(labelling, {})
+            entry["count_exact"] = float(np.mean([e == 0 for e in errors])) if errors else math.nan
+            entry["count_abs_error"] = float(np.mean(np.abs(errors))) if errors else math.nan
+        return out
+
+
+def _share(parts: dict, name: str) -> float:
+    return parts[name] / parts["total"] if parts["total"] else 0.0
+
+
+def _extent(reference: Annotation, hypothesis: Annotation) -> Timeline:
+    both = reference.get_timeline().union(hypothesis.get_timeline())
+    if not both:
+        return Timeline([Segment(0.0, 1.0)])
+    return Timeline([Segment(0.0, both.extent().end)])
+
+
+# -- running the streaming diarizer offline ----------------------------------------------------------
+@dataclass
+class StreamRun:
+    """What one stream produced: every live emission (with its clock) and the end-of-stream revision."""
+
+    emissions: list[Emission]
+    revision: list[tuple[float, float, str]]
+    duration_s: float
+    windows: int
+    seconds: dict[str, float]  # compute time by step: vad (incl. windowing), embed, cluster, revise
+
+
+def run_stream(
+    audio: np.ndarray,
+    config: DiarizerConfig,
+    embed: Callable[[list[np.ndarray]], np.ndarray],
+    chunk_s: float = 0.5,
+    sample_rate: int = 16000,
+) -> StreamRun:
+    """Feed `audio` chunk by chunk through a StreamDiarizer, as the diarize stage does (one embedding
+    batch per chunk), as fast as the compute allows."""
+    diarizer = StreamDiarizer(config)
+    step = max(int(chunk_s * sample_rate), 1)
+    seconds = dict.fromkeys(("vad", "embed", "cluster", "revise"), 0.0)
+    emissions: list[Emission] = []
+
+    def record(updates: list[TurnUpdate]) -> None:
+        emissions.extend(
+            Emission(diarizer.audio_s, str(u.turn_index), u.label, u.start_s, u.end_s, u.is_final)
+            for u in updates
+        )
+
+    def embed_and_cluster(windows: list[Window]) -> None:
+        t0 = time.perf_counter()
+        embeddings = embed([w.samples for w in windows]) if windows else np.zeros((0, 1), np.float32)
+        t1 = time.perf_counter()
+        record(diarizer.add_embeddings(windows, embeddings))
+        seconds["embed"] += t1 - t0
+        seconds["cluster"] += time.perf_counter() - t1
+
+    for start in range(0, len(audio), step):
+        t0 = time.perf_counter()
+        windows = diarizer.push_audio(audio[start : start + step])
+        seconds["vad"] += time.perf_counter() - t0
+        embed_and_cluster(windows)
+    t0 = time.perf_counter()
+    windows = diarizer.end_audio()
+    seconds["vad"] += time.perf_counter() - t0
+    embed_and_cluster(windows)
+    t0 = time.perf_counter()
+    record(diarizer.finish())
+    seconds["cluster"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    revision = [(u.start_s, u.end_s, u.label) for u in diarizer.revise()]
+    seconds["revise"] = time.perf_counter() - t0
+    return StreamRun(emissions, revision, len(audio) / sample_rate, diarizer.window_count, seconds)
+
+
+# -- evaluating a manifest ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalItem:
+    file_id: str
+    audio: Path
+    rttm: Path
+    uem: Path | None
+
+
+def multi_speaker_items(manifest: Path | str) -> list[EvalItem]:
+    """Every `speaker=multi` row of a manifest with an RTTM beside its audio (UEM when present)."""
+    items = []
+    for u in load_manifest(manifest):
+        rttm = u.path.with_suffix(".rttm")
+        if u.speaker == "multi" and rttm.is_file():
+            uem = u.path.with_suffix(".uem")
+            items.append(EvalItem(u.path.stem, u.path, rttm, uem if uem.is_file() else None))
+    return items
+
+
+@dataclass
+class FileResult:
+    """Hypotheses of one file, by labelling name (for plots and JSON)."""
+
+    item: EvalItem
+    reference: Annotation
+    hypotheses: dict[str, Annotation]
+    run: StreamRun
+
+
+def evaluate_item(
+    item: EvalItem,
+    config: DiarizerConfig,
+    embed: Callable[[list[np.ndarray]], np.ndarray],
+    scorer: Scorer,
+    latencies: tuple[float, ...],
+    chunk_s: float = 0.5,
+    baselines: bool = False,
+) -> FileResult:
+    """Stream one file through the diarizer (and the baselines) and score every labelling."""
+    audio = decode_file(item.audio)
+    reference = load_rttm(item.rttm).get(item.file_id, Annotation(uri=item.file_id))
+    uem = load_uem(item.uem) if item.uem else None
+    run = run_stream(audio, config, embed, chunk_s)
+    hypotheses = {"revision": annotation(run.revision, item.file_id)}
+    hypotheses["live_final"] = final_live(run.emissions, item.file_id)
+    for latency in latencies:
+        hypotheses[f"live@{latency:g}s"] = live_at_latency(
+            run.emissions, latency, chunk_s, run.duration_s, item.file_id
+        )
+    if baselines:
+        windows = baseline_windows(audio, embed, config.vad)
+        hypotheses["baseline_ahc"] = annotation(reference_design(windows), item.file_id)
+        hypotheses["baseline_spectral"] = annotation(speechbrain_spectral(windows), item.file_id)
+    for name, hypothesis in hypotheses.items():
+        scorer.add(item.file_id, name, reference, hypothesis, uem)
+    return FileResult(item, reference, hypotheses, run)
+
+
+def plot_timeline(
+    result: FileResult, path: Path, labellings: tuple[str, ...] = ("revision", "live@2s")
+) -> None:
+    """Reference speakers above, hypotheses below, one row per speaker (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[str, str, Annotation]] = [
+        ("ref", lbl, result.reference) for lbl in result.reference.labels()
+    ]
+    for name in labellings:
+        hyp = result.hypotheses.get(name)
+        if hyp is not None:
+            rows += [(name, lbl, hyp) for lbl in hyp.labels()]
+    fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.2))
+    colours = plt.get_cmap("tab10")
+    for y, (group, label, ann) in enumerate(rows):
+        spans = [(s.start, s.duration) for s in ann.label_timeline(label)]
+        colour = colours(0) if group == "ref" else colours(1 + labellings.index(group))
+        ax.broken_barh(spans, (len(rows) - y - 0.8, 0.6), facecolors=colour)
+    ax.set_yticks([len(rows) - y - 0.5 for y in range(len(rows))])
+    ax.set_yticklabels([f"{group}: {label}" for group, label, _ in rows], fontsize=7)
+    ax.set_xlabel("seconds")
+    ax.set_title(f"{result.item.file_id}: reference (top) and hypotheses (below)")
+    ax.set_xlim(0, result.run.duration_s)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
