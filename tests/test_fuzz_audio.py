@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processors.audio import SUPPORTED_ENCODINGS, AudioDecodeError, decode_pcm, encode_pcm
 
 RAW = ("PCM_S16LE", "PCM_F32LE", "MULAW", "ALAW")
+
+
+@pytest.fixture(autouse=True)
+def _hide_lazy_speechbrain_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hypothesis scans every module in sys.modules for constants; SpeechBrain registers lazy modules
+    whose optional dependencies (k2) are absent, and touching them raises. Other tests may have imported
+    SpeechBrain in this process, so hide those placeholders while fuzzing."""
+    if "speechbrain.utils.importutils" not in sys.modules:
+        return
+    from speechbrain.utils.importutils import LazyModule
+
+    for name, module in list(sys.modules.items()):
+        if isinstance(module, LazyModule):
+            monkeypatch.delitem(sys.modules, name)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

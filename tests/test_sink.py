@@ -69,7 +69,7 @@ def start_sink(settings, database_url: str, log_path) -> subprocess.Popen:
         "SPEAKERFLOW_GROUP_PREFIX": settings.group_prefix,
         "SPEAKERFLOW_PARTITIONS": str(settings.partitions),
         "DATABASE_URL": database_url,
-        "SPEAKERFLOW_SINK_BATCH": "50",  # many small transactions, so a kill lands between them
+        "SPEAKERFLOW_SINK_BATCH": "5",  # hundreds of small transactions, so a kill lands between them
     }
     command = [sys.executable, "-m", "streams.cli", "worker", "--roles", "sink"]
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -102,7 +102,7 @@ def test_kill_9_mid_stream_then_restart_leaves_table_equal_to_topic(settings, da
     log = tmp_path / "sink.log"
     sink = start_sink(settings, database_url, log)
     try:
-        assert wait_until(lambda: len(table(database_url)) > 0, 90), log.read_text()[-2000:]
+        assert wait_until(lambda: len(table(database_url)) > 0, 90, poll_s=0.02), log.read_text()[-2000:]
         sink.send_signal(signal.SIGKILL)  # mid-stream: some batches written, later ones not
         sink.wait(timeout=10)
         written_before_restart = len(table(database_url))
