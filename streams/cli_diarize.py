@@ -8,23 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from streams.cli_gallery import subcommand_group
+
 DEFAULT_LATENCIES = "0.5,1,2,5"
-
-
-def area(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
-    """The sub-command group `name` (e.g. `eval`), created here unless another module already did.
-
-    Several cli_<area> modules add commands under `eval` and `bench`; argparse refuses a second
-    parser of the same name, so every module should get the group through this function.
-    """
-    parser = sub.choices.get(name)
-    if parser is None:
-        parser = sub.add_parser(name, help=help_text)
-        return parser.add_subparsers(dest=f"{name}_command", required=True)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest=f"{name}_command", required=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_simulate)
 
-    p = area(sub, "eval", "evaluations").add_parser(
+    p = subcommand_group(sub, "eval", "evaluations on a speech manifest").add_parser(
         "diarize", help="DER/JER of live and revised diarization on a manifest's multi-speaker files"
     )
     p.add_argument("--manifest", required=True, help="corpus folder or its manifest.csv")
@@ -54,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=0, help="only the first N files")
     p.set_defaults(func=cmd_eval_diarize)
 
-    p = area(sub, "bench", "benchmarks").add_parser(
+    p = subcommand_group(sub, "bench", "benchmarks (figures, not tests)").add_parser(
         "diarize", help="real-time factor of live diarization (VAD + windows + embedding + clustering)"
     )
     p.add_argument("--manifest", required=True, help="corpus folder with multi-speaker files")
