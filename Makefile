@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The install is redone only when the lock file or the project metadata change.
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test test-fast lint format clean help
+.PHONY: setup demo test test-fast lint format models clean help
 
 help:
 	@echo "make demo   - install if needed, run broker + PostgreSQL + worker, enroll, stream a call live"
@@ -29,6 +29,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
+
+# Downloads SpeechBrain's ECAPA-TDNN into .data/models/ecapa (needs internet; set EMBEDDING_MODEL_PATH to use it).
+models: setup
+	$(BIN)/speakerflow models download
 
 lint: setup
 	$(BIN)/ruff check .
