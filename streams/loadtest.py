@@ -1,7 +1,9 @@
 """`speakerflow loadtest`: N live conversations at real-time pace through a worker, measured end to end.
 
-Latency is taken per identified-segment update, as the time it reaches this process minus the capture
-time of the newest audio it covers (`source_capture_ts_ms`): audio captured -> name on the output topic.
+Latency is taken per live identified-segment update (the first record of each provisional extension and
+of each final segment; end-of-stream revisions and identity corrections re-state old audio on purpose and
+are left out), as the time it reaches this process minus the capture time of the newest audio it covers
+(`source_capture_ts_ms`): audio captured -> name on the output topic.
 Lag is what the load generator produced to the audio topic minus what the diarize group has committed,
 counted by us (the embedded broker's end offsets cannot be trusted, see FACTS.md).
 """
@@ -117,12 +119,19 @@ class LatencyProbe(threading.Thread):
     def run(self) -> None:
         consumer = Consumer(self.settings.consumer_config(f"loadtest-probe-{uuid.uuid4().hex[:8]}"))
         consumer.subscribe([self.settings.topic("segments.identified")])
+        seen: set[tuple[str, bool, float]] = set()
         try:
             while not self.stopping.is_set():
                 for msg in consumer.consume(500, timeout=0.1):
                     if msg.error() is not None or msg.value() is None:
                         continue
                     seg = codec.decode("IdentifiedSegment", msg.value())
+                    # Live news only: the end-of-stream revision and identity corrections re-state
+                    # old audio on purpose, they are not late.
+                    news = (seg["segment_id"], seg["is_final"], seg["end_s"])
+                    if seg["revision"] > 0 or news in seen:
+                        continue
+                    seen.add(news)
                     if seg["stream_id"].startswith(self.prefix):
                         latency = (now_ms() - seg["source_capture_ts_ms"]) / 1000
                         self.timeline.append((time.monotonic() - self.started, latency))
