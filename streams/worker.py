@@ -52,7 +52,9 @@ class Worker:
                 settings.embedder, settings.device, settings.embedding_model_path
             )
             self.calibration = default_calibration(
-                self.embedder.model_id, settings.match_threshold, settings.calibration_path,
+                self.embedder.model_id,
+                settings.match_threshold,
+                settings.calibration_path,
                 settings.operating_point,
             )
             self.gallery, self.matcher = build_gallery_and_matcher(
