@@ -133,11 +133,29 @@ def _play_and_show(
         raise RuntimeError(f"the worker exited with code {worker.returncode}; see its log")
 
 
+def _wait_for_final_labelling(url: str, stream_id: str, timeout_s: float = 30.0) -> None:
+    """Until the sink has marked the stream DONE and its rows stopped changing (the end-of-stream
+    revision arrives through the matcher, a moment after the stream's end event)."""
+    deadline = time.monotonic() + timeout_s
+    last, stable_since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        with psycopg.connect(url) as conn:
+            status = conn.execute("SELECT status FROM streams WHERE stream_id = %s", (stream_id,)).fetchone()
+            rows = conn.execute(
+                "SELECT count(*), max(written_at) FROM segments WHERE stream_id = %s", (stream_id,)
+            ).fetchone()
+        if rows != last:
+            last, stable_since = rows, time.monotonic()
+        if status and status[0] == "DONE" and time.monotonic() - stable_since > 1.5:
+            return
+        time.sleep(0.3)
+
+
 def _summarise(url: str, stream_id: str, embedded: bool) -> None:
-    time.sleep(1.0)  # the sink commits in batches
+    _wait_for_final_labelling(url, stream_id)
     with psycopg.connect(url) as conn:
         rows = conn.execute(
-            "SELECT name, count(*), round(sum(end_s - start_s)::numeric, 1) FROM segments "
+            "SELECT name, count(*), round(sum(end_s - start_s)::numeric, 1) FROM current_segments "
             "WHERE stream_id = %s AND is_final GROUP BY name ORDER BY 3 DESC",
             (stream_id,),
         ).fetchall()
