@@ -175,6 +175,13 @@ class CpuWorkers:
                 self.workers, thread_name_prefix="embed-cpu", initializer=torch.set_num_threads, initargs=(1,)
             )
 
+    @classmethod
+    def for_device(cls, device: torch.device, workers: int = 0) -> CpuWorkers:
+        """`workers` threads on CPU (0: as many as the caller's torch threads); none on a GPU."""
+        if device.type != "cpu":
+            return cls(1)
+        return cls(workers or torch.get_num_threads())
+
     def map(self, fn: Callable[[T], R], jobs: list[T]) -> list[R]:
         if self._pool is None or len(jobs) < 2:
             return [fn(job) for job in jobs]
@@ -219,7 +226,7 @@ class Ge2eEmbedder:
     target_dbfs = -30.0  # Resemblyzer's volume normalisation (increase only)
     max_partials_per_call = 1024  # bounds the memory of one LSTM call for very long inputs
 
-    def __init__(self, device: str = "cpu", precision: str = "auto") -> None:
+    def __init__(self, device: str = "cpu", precision: str = "auto", cpu_workers: int = 0) -> None:
         import torchaudio
         from resemblyzer import VoiceEncoder
 
@@ -230,7 +237,7 @@ class Ge2eEmbedder:
         weights = Path(__import__("resemblyzer").__file__).parent / "pretrained.pt"
         self.model_id = f"ge2e-resemblyzer-{_file_digest(weights)}"
         self.encoder = VoiceEncoder(device=self.device, verbose=False).eval()
-        self.cpu = CpuWorkers(torch.get_num_threads() if self.device.type == "cpu" else 1)
+        self.cpu = CpuWorkers.for_device(self.device, cpu_workers)
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=SAMPLE_RATE,
             n_fft=400,
@@ -538,6 +545,7 @@ class EcapaEmbedder:
         max_padding: float | None = None,
         cpu_micro_batch: int = 4,
         gpu_max_batch: int = 512,
+        cpu_workers: int = 0,
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -549,7 +557,7 @@ class EcapaEmbedder:
         self.micro_batch = 1 if self.precision == "int8" else cpu_micro_batch
         if self.device.type == "cuda":
             self.micro_batch = gpu_max_batch
-        self.cpu = CpuWorkers(torch.get_num_threads() if self.device.type == "cpu" else 1)
+        self.cpu = CpuWorkers.for_device(self.device, cpu_workers)
         self.classifier = _load_classifier(self.source, savedir, self.device)
         mods = self.classifier.mods
         self.features, self.normalise = mods.compute_features, mods.mean_var_norm
@@ -624,12 +632,17 @@ class EcapaEmbedder:
         return l2_normalise(torch.cat(rows)[:, 0].float().cpu().numpy())
 
 
-def load_embedder(name: str, device: str = "cpu", model_path: str = "", precision: str = "auto") -> Embedder:
-    """The embedder called `name`; raises EmbedderUnavailable (never falls back to another model)."""
+def load_embedder(
+    name: str, device: str = "cpu", model_path: str = "", precision: str = "auto", cpu_workers: int = 0
+) -> Embedder:
+    """The embedder called `name`; raises EmbedderUnavailable (never falls back to another model).
+
+    `cpu_workers`: windows embedded side by side on CPU (0: the caller's torch thread count).
+    """
     if name == "ge2e":
-        return Ge2eEmbedder(device=device, precision=precision)
+        return Ge2eEmbedder(device=device, precision=precision, cpu_workers=cpu_workers)
     if name == "ecapa":
-        return EcapaEmbedder(source=model_path, device=device, precision=precision)
+        return EcapaEmbedder(source=model_path, device=device, precision=precision, cpu_workers=cpu_workers)
     raise EmbedderUnavailable(
         f"unknown embedder {name!r}: choose 'ge2e' (offline, weights in the resemblyzer wheel) or 'ecapa' "
         f"(SpeechBrain ECAPA-TDNN). {REMEDIES}"

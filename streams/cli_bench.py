@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -63,7 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seconds", type=float, default=2.0, help="window length in seconds")
     e.add_argument("--min-time", type=float, default=3.0, help="least seconds timed per batch size")
     e.add_argument("--device", default=None, help="auto, cpu or cuda:N (default: SPEAKERFLOW_DEVICE)")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: settings, else all)")
+    e.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads and embedding workers (default: all cores)"
+    )
     e.add_argument("--ecapa-path", default=None, help="SpeechBrain ECAPA directory (default: see above)")
     e.add_argument("--channels", type=int, default=1024, help="channels of the random-weight ECAPA")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -97,9 +100,8 @@ def cmd_bench_embed(args: argparse.Namespace) -> int:
         )
         return 2
     sizes = sorted({int(s) for s in args.batch_sizes.split(",") if s.strip()})
-    threads = args.threads or settings.torch_threads
-    if threads:
-        torch.set_num_threads(threads)
+    # The device's capacity, not one worker's share: all cores unless told otherwise.
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = args.device or settings.device
     ecapa_path = args.ecapa_path or settings.embedding_model_path
     if any(b.startswith("ecapa") for b in backends) and not ecapa_path:
@@ -115,15 +117,18 @@ def cmd_bench_embed(args: argparse.Namespace) -> int:
         "ecapa_checkpoint": ecapa_path if any(b.startswith("ecapa") for b in backends) else None,
         "backends": {},
     }
+    loaded: dict[str, tuple[BackendInfo, Any]] = {}
     for backend in backends:
         try:
-            info, embed = _load_backend(backend, device, ecapa_path)
+            loaded[backend] = _load_backend(backend, device, ecapa_path)
         except EmbedderUnavailable as exc:  # e.g. int8 on CUDA: say so, measure the others
             print(f"{backend}: skipped ({exc})")
             continue
+        info = loaded[backend][0]
         print(f"{backend}: {info.description}; model {info.model_id}; loaded in {info.load_s:.1f} s")
-        info.rows = _measure(backend, embed, windows, sizes, args.seconds, args.min_time)
-        report["backends"][backend] = asdict(info)
+    for row in _measure({b: embed for b, (_, embed) in loaded.items()}, windows, sizes, args):
+        loaded[row.backend][0].rows.append(row)
+    report["backends"] = {b: asdict(info) for b, (info, _) in loaded.items()}
     report["summary"] = _summary(report["backends"])
     _print_table(report)
     if args.json:
@@ -187,35 +192,44 @@ def _sb_batched(embedder, waveforms: list) -> Any:
 
 
 def _measure(
-    backend: str, embed, windows: list, sizes: list[int], seconds: float, min_time: float
+    embeds: dict[str, Any], windows: list, sizes: list[int], args: argparse.Namespace
 ) -> list[BenchRow]:
+    """Time every backend at every batch size, interleaved call by call.
+
+    Round-robin timing keeps the comparison fair on a shared machine: a burst of load from elsewhere
+    slows every backend of that batch size alike instead of whichever happened to be running.
+    """
     import numpy as np
     from tqdm import tqdm
 
     rows = []
-    embed(windows[:1])  # first call: lazy initialisation
-    for size in tqdm(sizes, desc=backend, unit="size", file=sys.stderr):
+    for embed in embeds.values():
+        embed(windows[:1])  # first call: lazy initialisation
+    for size in tqdm(sizes, desc="batch sizes", unit="size", file=sys.stderr):
         batch = windows[:size]
-        if backend != "ecapa-stock":
-            embed(batch)  # a new batch shape may need its own warm-up (kernels, buffers)
-        latencies: list[float] = []
-        while sum(latencies) < min_time or len(latencies) < 2:
-            started = time.perf_counter()
-            embed(batch)
-            latencies.append(time.perf_counter() - started)
-        per_window = float(np.sum(latencies)) / (len(latencies) * size)
-        rows.append(
-            BenchRow(
-                backend=backend,
-                batch_size=size,
-                calls=len(latencies),
-                windows_per_s=1.0 / per_window,
-                x_real_time=seconds / per_window,
-                rtf=per_window / seconds,
-                latency_ms_p50=float(np.percentile(latencies, 50) * 1000),
-                latency_ms_p99=float(np.percentile(latencies, 99) * 1000),
+        for name, embed in embeds.items():
+            if name != "ecapa-stock":
+                embed(batch)  # a new batch shape may need its own warm-up (kernels, buffers)
+        latencies: dict[str, list[float]] = {name: [] for name in embeds}
+        while pending := [n for n, t in latencies.items() if sum(t) < args.min_time or len(t) < 2]:
+            for name in pending:
+                started = time.perf_counter()
+                embeds[name](batch)
+                latencies[name].append(time.perf_counter() - started)
+        for name, times in latencies.items():
+            per_window = float(np.sum(times)) / (len(times) * size)
+            rows.append(
+                BenchRow(
+                    backend=name,
+                    batch_size=size,
+                    calls=len(times),
+                    windows_per_s=1.0 / per_window,
+                    x_real_time=args.seconds / per_window,
+                    rtf=per_window / args.seconds,
+                    latency_ms_p50=float(np.percentile(times, 50) * 1000),
+                    latency_ms_p99=float(np.percentile(times, 99) * 1000),
+                )
             )
-        )
     return rows
 
 
@@ -284,8 +298,6 @@ def _machine(device: str) -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"{cpu}, {os.cpu_count()} CPUs"
 
 
