@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -61,7 +61,14 @@ class EmbeddingBatcher:
     an embedder can be handed the batcher and its windows then share batches with every other caller.
     """
 
-    def __init__(self, embedder: Embedder, max_batch_size: int = 64, max_wait_ms: float = 20.0) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 20.0,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """`on_batch(windows, seconds)` is called after every batch (metrics)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_wait_ms < 0:
@@ -69,6 +76,7 @@ class EmbeddingBatcher:
         self.embedder = embedder
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+        self.on_batch = on_batch
         self.stats = BatcherStats()
         self._queue: list[_Pending] = []
         self._cond = threading.Condition()
@@ -138,7 +146,10 @@ class EmbeddingBatcher:
                 return
             started = time.perf_counter()
             self._embed(batch)
-            self.stats.busy_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.stats.busy_s += elapsed
+            if self.on_batch is not None:
+                self.on_batch(len(batch), elapsed)
 
     def _next_batch(self) -> list[_Pending] | None:
         """Block until a batch is due (full, oldest waited max_wait, or closing); None when done."""

@@ -83,7 +83,16 @@ class Settings:
         "SPEAKERFLOW_TORCH_THREADS", 1, "Intra-op CPU threads of a worker (1 suits VAD; scale by processes)."
     )
     batch_max_size: int = _env("SPEAKERFLOW_BATCH_MAX_SIZE", 64, "Most windows per embedding batch.")
-    batch_max_wait_ms: int = _env("SPEAKERFLOW_BATCH_MAX_WAIT_MS", 20, "Longest a window waits for a batch.")
+    batch_max_wait_ms: int = _env(
+        "SPEAKERFLOW_BATCH_MAX_WAIT_MS",
+        5,
+        "Longest a window waits for others to share its batch (windows queued meanwhile join the next).",
+    )
+    embedding_workers: int = _env(
+        "SPEAKERFLOW_EMBEDDING_WORKERS",
+        0,
+        "CPU threads that embed one batch side by side; 0 = all cores (set cores / worker processes).",
+    )
 
     # --- Diarization -------------------------------------------------------------------------------
     window_s: float = _env("SPEAKERFLOW_WINDOW_S", 1.5, "Embedding window length (seconds).")
@@ -241,6 +250,19 @@ class Settings:
             # A group-less reader (gallery table): librdkafka still wants a group id; it never commits.
             conf["group.id"] = f"{self.group_prefix}-reader-{os.getpid()}"
         return conf
+
+    def child_env(self, **extra: str) -> dict[str, str]:
+        """This process's environment plus the settings a child `speakerflow` process must share."""
+        shared = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
+            "SPEAKERFLOW_BROKER_PROFILE": self.broker_profile,
+            "SPEAKERFLOW_TOPIC_PREFIX": self.topic_prefix,
+            "SPEAKERFLOW_GROUP_PREFIX": self.group_prefix,
+            "SPEAKERFLOW_PARTITIONS": str(self.partitions),
+            "SPEAKERFLOW_DATA_DIR": self.data_dir,
+            "SPEAKERFLOW_SHARED_DATA": self.shared_data_dir,
+        }
+        return dict(os.environ) | shared | extra
 
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict with secrets masked, safe to log."""

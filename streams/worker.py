@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 import torch
 
+from processors.batcher import EmbeddingBatcher
 from processors.embedding import Embedder, load_embedder
 from processors.scoring import default_calibration
 from streams.diarize import DiarizeProcessor
@@ -47,9 +49,17 @@ class Worker:
             torch.set_num_threads(settings.torch_threads)
         self.publisher = Publisher(settings)
         self.gallery_table: GalleryTable | None = None
+        self.embedder: EmbeddingBatcher | None = None
         if MODEL_ROLES & set(roles):  # a sink-only worker needs no model
-            self.embedder = embedder or load_embedder(
-                settings.embedder, settings.device, settings.embedding_model_path
+            model = embedder or load_embedder(
+                settings.embedder,
+                settings.device,
+                settings.embedding_model_path,
+                cpu_workers=settings.embedding_workers or os.cpu_count() or 1,
+            )
+            # One batcher per worker: windows of every stream and stage share the model's batches.
+            self.embedder = EmbeddingBatcher(
+                model, settings.batch_max_size, settings.batch_max_wait_ms, on_batch=self._observe_batch
             )
             self.calibration = default_calibration(
                 self.embedder.model_id,
@@ -63,6 +73,10 @@ class Worker:
             self.gallery_table = GalleryTable(settings, self.gallery)
         self.threads: list[ProcessorThread] = []
         self.sink: PostgresSink | None = None
+
+    def _observe_batch(self, windows: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(windows)
+        self.metrics.embed_seconds.observe(seconds)
 
     def start(self, ready_timeout_s: float = 60.0) -> None:
         create_topics(self.settings)
@@ -117,5 +131,7 @@ class Worker:
         for thread in [*self.threads, self.sink, self.gallery_table]:
             if thread is not None and thread.is_alive():
                 thread.join(timeout=15)
+        if self.embedder is not None:
+            self.embedder.close(timeout=15)
         self.publisher.flush()
         log.info("worker stopped; counters: %s", dict(self.metrics.counters))

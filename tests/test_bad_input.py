@@ -94,6 +94,10 @@ def test_bad_audio_goes_to_the_dead_letter_topic_and_streams_go_on(settings, wor
     assert finals, "the good stream produced no final segment"
     assert worker.metrics.counters["chunks.duplicate"] >= 1
     assert all(t.is_alive() for t in worker.threads)
+    # The good stream's windows went through the worker's shared batcher, and the histograms saw them.
+    assert worker.embedder.stats.windows > 0
+    assert worker.metrics.registry.get_sample_value("speakerflow_embedding_batch_size_count") > 0
+    assert worker.metrics.registry.get_sample_value("speakerflow_embedding_batch_seconds_count") > 0
 
 
 def test_streams_that_never_end_are_closed_by_the_idle_timeout(settings, worker, shared_data):
