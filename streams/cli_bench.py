@@ -73,6 +73,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--plot", default=None, help="write windows/s against batch size to this PNG")
     e.set_defaults(func=cmd_bench_embed)
 
+    bench = subcommand_group(sub, "bench", "benchmarks (figures, not tests)")
+    s = bench.add_parser(
+        "sink",
+        help="segments/s the PostgreSQL sink writes, draining a backlog on the segments topic",
+        description="Puts provisional and final updates of --segments segments on the segments topic, then "
+        "times the sink draining them into a scratch database (DATABASE_URL's server, else embedded).",
+    )
+    s.add_argument("--segments", type=int, default=20000, help="segments in the backlog (2 updates each)")
+    s.add_argument("--batch", default="50,500,2000", help="sink batch sizes to compare (comma list)")
+    s.add_argument("--out", default=".data/bench", help="folder for sink.json and logs")
+    s.set_defaults(func=cmd_bench_sink)
+
+    i = bench.add_parser(
+        "identify",
+        help="latency of POST /identify sync=true on a long upload, against a real worker and gateway",
+        description="Starts a worker process (all stages) and the gateway process, enrols three speakers "
+        "over HTTP, then times POST /identify (sync=true) on a --seconds conversation.",
+    )
+    i.add_argument("--seconds", type=float, default=60.0, help="length of the uploaded conversation")
+    i.add_argument("--runs", type=int, default=10, help="timed requests (after one warm-up)")
+    i.add_argument("--out", default=".data/bench", help="folder for identify.json and logs")
+    i.set_defaults(func=cmd_bench_identify)
+    for parser in (s, i):
+        parser.add_argument(
+            "--broker",
+            choices=["embedded", "configured"],
+            default="embedded",
+            help="start an embedded broker for the run, or use KAFKA_BOOTSTRAP_SERVERS",
+        )
+
     d = subcommand_group(sub, "models", "model weights").add_parser(
         "download",
         help="fetch speechbrain/spkrec-ecapa-voxceleb for the `ecapa` embedder (needs internet)",
@@ -139,6 +169,49 @@ def cmd_bench_embed(args: argparse.Namespace) -> int:
         _plot(report, Path(args.plot))
         print(f"wrote {args.plot}")
     return 0
+
+
+def cmd_bench_sink(args: argparse.Namespace) -> int:
+    from streams.bench_service import run_sink_bench, write_json
+
+    out = Path(args.out)
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    results = run_sink_bench(_service_settings(args), args.segments, batches, out)
+    print("\n| sink batch | segments | updates | group join (s) | drain (s) | segments/s | updates/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r.batch_size} | {r.segments} | {r.records} | {r.join_s:.1f} | {r.drain_s:.1f} | "
+            f"{r.segments_per_s:,.0f} | {r.records_per_s:,.0f} |"
+        )
+    write_json(out / "sink.json", results)
+    print(f"json: {out / 'sink.json'}")
+    return 0
+
+
+def cmd_bench_identify(args: argparse.Namespace) -> int:
+    from streams.bench_service import run_identify_bench, write_json
+
+    out = Path(args.out)
+    r = run_identify_bench(_service_settings(args), args.seconds, args.runs, out)
+    print("\n| upload | requests | p50 (s) | p95 (s) | max (s) | x real time (p50) | segments | named time |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {r.audio_s:g} s | {r.runs} | {r.latency_p50_s:.2f} | {r.latency_p95_s:.2f} "
+        f"| {r.latency_max_s:.2f} | {r.x_real_time:.0f}x | {r.segments} | {100 * r.named_share:.0f} % |"
+    )
+    write_json(out / "identify.json", [r])
+    print(f"json: {out / 'identify.json'}")
+    return 0
+
+
+def _service_settings(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from streams.settings import Settings
+
+    settings = Settings.from_env()
+    return replace(settings, broker_profile="embedded") if args.broker == "embedded" else settings
 
 
 def _random_ecapa(data_dir: Path, channels: int) -> Path:

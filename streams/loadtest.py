@@ -223,13 +223,7 @@ def _dead_letters(settings: Settings) -> int:
 
 
 def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
-    env = os.environ | {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "SPEAKERFLOW_BROKER_PROFILE": settings.broker_profile,
-        "SPEAKERFLOW_TOPIC_PREFIX": settings.topic_prefix,
-        "SPEAKERFLOW_GROUP_PREFIX": settings.group_prefix,
-        "SPEAKERFLOW_PARTITIONS": str(settings.partitions),
-    }
+    env = settings.child_env()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
