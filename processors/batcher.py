@@ -1,8 +1,10 @@
 """One embedding batcher per worker: windows from every stream and stage share the model's batches.
 
-Callers `submit` single waveforms from any thread and get a `Future`; a background thread collects
-them into batches of at most `max_batch_size`, waiting at most `max_wait_ms` after the oldest pending
-window arrived (so a lone window is never stuck), and calls `embedder.embed` once per batch. When more
+Callers `submit` waveforms from any thread and get a `Future`; a background thread collects them into
+batches of at most `max_batch_size`, waiting at most `max_wait_ms` after the oldest pending window
+arrived (so a lone window is never stuck), and calls `embedder.embed` once per batch. With no wait, the
+batch is whatever queued up while the previous batch ran: no added latency when the model is idle, large
+batches when it is busy. When more
 windows are waiting than fit in one batch, the batch is the oldest window plus the windows closest to
 it in length, which limits padding without starving anyone (the oldest always goes next).
 
@@ -103,21 +105,30 @@ class EmbeddingBatcher:
 
     def submit(self, waveform: np.ndarray) -> Future:
         """Queue one 16 kHz mono waveform; the future resolves to its (dim,) float32 embedding."""
-        future: Future = Future()
-        wav = np.asarray(waveform, dtype=np.float32)
-        if wav.ndim != 1 or wav.size == 0:
-            future.set_exception(ValueError(f"expected a non-empty 1-D waveform, got shape {wav.shape}"))
-            return future
+        return self.submit_many([waveform])[0]
+
+    def submit_many(self, waveforms: Sequence[np.ndarray]) -> list[Future]:
+        """Queue several waveforms at once, so they reach the same batch even with no wait configured."""
+        pending = []
+        futures: list[Future] = []
+        for waveform in waveforms:
+            future: Future = Future()
+            wav = np.asarray(waveform, dtype=np.float32)
+            if wav.ndim != 1 or wav.size == 0:
+                future.set_exception(ValueError(f"expected a non-empty 1-D waveform, got shape {wav.shape}"))
+            else:
+                pending.append(_Pending(wav, future))
+            futures.append(future)
         with self._cond:
             if self._closing:
                 raise BatcherClosed("the embedding batcher is closed")
-            self._queue.append(_Pending(wav, future))
+            self._queue.extend(pending)
             self._cond.notify()
-        return future
+        return futures
 
     def embed_many(self, waveforms: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
         """Submit every waveform and wait: (N, dim) float32 rows in input order."""
-        futures = [self.submit(w) for w in waveforms]
+        futures = self.submit_many(waveforms)
         if not futures:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([f.result(timeout=timeout) for f in futures])

@@ -1,9 +1,12 @@
 """`speakerflow loadtest`: N live conversations at real-time pace through a worker, measured end to end.
 
-Latency is taken per live identified-segment update (the first record of each provisional extension and
-of each final segment; end-of-stream revisions and identity corrections re-state old audio on purpose and
-are left out), as the time it reaches this process minus the capture time of the newest audio it covers
-(`source_capture_ts_ms`): audio captured -> name on the output topic.
+Latency is the time an identified segment reaches this process minus the capture time of the newest
+audio it covers (`source_capture_ts_ms`), counted two ways:
+- first label: updates that label audio no earlier update of the stream covered (provisional extensions,
+  and final turns too short to have had one): audio captured -> a name for it on the output topic;
+- final: the first final record of each turn. A turn is final only once the diarizer has committed the
+  next speaker, so this latency includes the configured lookahead (`SPEAKERFLOW_LATENCY_S`) by design.
+End-of-stream revisions and identity corrections re-state old audio on purpose and are left out.
 Lag is what the load generator produced to the audio topic minus what the diarize group has committed,
 counted by us (the embedded broker's end offsets cannot be trusted, see FACTS.md).
 """
@@ -39,16 +42,19 @@ CHUNK_S = 0.5
 class LoadResult:
     streams: int
     minutes: float
-    segments: int
-    latency_p50_s: float
+    segments: int  # live updates counted (first labels)
+    latency_p50_s: float  # first label
     latency_p95_s: float
     latency_p99_s: float
+    final_p50_s: float
+    final_p95_s: float
     max_lag_chunks: int
     final_lag_chunks: int
     worker_cpu_percent: float  # mean over the run; 200 % = both cores of this machine
     worker_rss_mb: float  # peak
     dead_letters: int
-    timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t, latency)
+    timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (t, first-label latency)
+    final_timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)
     samples: list[tuple[float, float, float, int]] = field(
         default_factory=list, repr=False
     )  # t, cpu, rss, lag
@@ -113,30 +119,53 @@ class LatencyProbe(threading.Thread):
         self.settings = settings
         self.prefix = prefix
         self.stopping = threading.Event()
-        self.timeline: list[tuple[float, float]] = []
+        self.timeline: list[tuple[float, float]] = []  # first labels
+        self.final_timeline: list[tuple[float, float]] = []
         self.started = time.monotonic()
 
     def run(self) -> None:
         consumer = Consumer(self.settings.consumer_config(f"loadtest-probe-{uuid.uuid4().hex[:8]}"))
         consumer.subscribe([self.settings.topic("segments.identified")])
-        seen: set[tuple[str, bool, float]] = set()
+        news = SegmentNews()
         try:
             while not self.stopping.is_set():
                 for msg in consumer.consume(500, timeout=0.1):
                     if msg.error() is not None or msg.value() is None:
                         continue
                     seg = codec.decode("IdentifiedSegment", msg.value())
-                    # Live news only: the end-of-stream revision and identity corrections re-state
-                    # old audio on purpose, they are not late.
-                    news = (seg["segment_id"], seg["is_final"], seg["end_s"])
-                    if seg["revision"] > 0 or news in seen:
+                    if not seg["stream_id"].startswith(self.prefix):
                         continue
-                    seen.add(news)
-                    if seg["stream_id"].startswith(self.prefix):
-                        latency = (now_ms() - seg["source_capture_ts_ms"]) / 1000
-                        self.timeline.append((time.monotonic() - self.started, latency))
+                    first, final = news.classify(seg)
+                    at = time.monotonic() - self.started
+                    latency = (now_ms() - seg["source_capture_ts_ms"]) / 1000
+                    if first:
+                        self.timeline.append((at, latency))
+                    if final:
+                        self.final_timeline.append((at, latency))
         finally:
             consumer.close()
+
+
+class SegmentNews:
+    """Tells which identified-segment records are news: a first label for audio, or a turn's first final."""
+
+    def __init__(self) -> None:
+        self._labelled_to: dict[str, float] = {}  # stream -> end of the audio it has labels for
+        self._finals: set[str] = set()
+
+    def classify(self, seg: dict) -> tuple[bool, bool]:
+        """(labels audio not labelled before, is the first final record of its turn)."""
+        if seg["revision"] > 0:  # the end-of-stream revision re-states old audio on purpose
+            return False, False
+        stream = seg["stream_id"]
+        first = seg["end_s"] > self._labelled_to.get(stream, -1.0) + 1e-6
+        if first:
+            self._labelled_to[stream] = seg["end_s"]
+        # Identity corrections re-send a final turn: only its first final record counts.
+        final = seg["is_final"] and seg["segment_id"] not in self._finals
+        if final:
+            self._finals.add(seg["segment_id"])
+        return first, final
 
 
 def _proc_sample(pid: int) -> tuple[float, float]:
@@ -183,11 +212,13 @@ def run_loadtest(settings: Settings, streams: int, minutes: float, log_dir: Path
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-    return _summarise(streams, minutes, probe.timeline, samples, cpu0, _dead_letters(settings))
+    return _summarise(streams, minutes, probe, samples, cpu0, _dead_letters(settings))
 
 
-def _summarise(streams, minutes, timeline, samples, cpu0, dead) -> LoadResult:
+def _summarise(streams, minutes, probe: LatencyProbe, samples, cpu0, dead) -> LoadResult:
+    timeline = probe.timeline
     latencies = np.array([lat for _, lat in timeline]) if timeline else np.zeros(1)
+    finals = np.array([lat for _, lat in probe.final_timeline]) if probe.final_timeline else np.zeros(1)
     elapsed = samples[-1][0] if samples else 1.0
     cpu_pct = 100 * (samples[-1][1] - cpu0) / elapsed if samples else 0.0
     cpu_series = [
@@ -199,12 +230,14 @@ def _summarise(streams, minutes, timeline, samples, cpu0, dead) -> LoadResult:
         minutes,
         len(timeline),
         *(float(np.percentile(latencies, q)) for q in (50, 95, 99)),
+        *(float(np.percentile(finals, q)) for q in (50, 95)),
         max((s[3] for s in samples), default=0),
         samples[-1][3] if samples else 0,
         round(cpu_pct, 1),
         round(max((s[2] for s in samples), default=0.0), 1),
         dead,
         timeline,
+        probe.final_timeline,
         cpu_series,
     )
 
@@ -247,23 +280,27 @@ def plot(results: list[LoadResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_lat, ax_cpu) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (ax_first, ax_final, ax_cpu) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     for r in results:
-        if r.timeline:
-            t, lat = zip(*r.timeline, strict=True)
-            ax_lat.plot(
-                t, lat, ".", ms=2, alpha=0.4, label=f"{r.streams} streams (p95 {r.latency_p95_s:.2f} s)"
-            )
+        for ax, series, p95 in (
+            (ax_first, r.timeline, r.latency_p95_s),
+            (ax_final, r.final_timeline, r.final_p95_s),
+        ):
+            if series:
+                t, lat = zip(*series, strict=True)
+                ax.plot(t, lat, ".", ms=2, alpha=0.4, label=f"{r.streams} streams (p95 {p95:.2f} s)")
         if r.samples:
             ax_cpu.plot([s[0] for s in r.samples], [s[1] for s in r.samples], label=f"{r.streams} streams")
-    ax_lat.axhline(2.0, color="red", lw=1, ls="--", label="2 s target")
-    ax_lat.set_ylabel("capture -> identified segment (s)")
-    ax_lat.set_yscale("log")
-    ax_lat.legend(loc="upper left", fontsize=8)
+    ax_first.axhline(2.0, color="red", lw=1, ls="--", label="2 s target")
+    ax_first.set_ylabel("first label (s)")
+    ax_final.set_ylabel("final turn (s)")
+    for ax in (ax_first, ax_final):
+        ax.set_yscale("log")
+        ax.legend(loc="upper left", fontsize=8)
     ax_cpu.set_ylabel("worker CPU (%; 200 = 2 cores)")
     ax_cpu.set_xlabel("time since start (s)")
     ax_cpu.legend(loc="upper left", fontsize=8)
-    fig.suptitle("speakerflow loadtest: live streams at real-time pace")
+    fig.suptitle("speakerflow loadtest: audio captured -> identified segment, live streams at real-time pace")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -271,15 +308,15 @@ def plot(results: list[LoadResult], path: Path) -> None:
 
 def format_table(results: list[LoadResult]) -> str:
     rows = [
-        "| streams | minutes | segment updates | p50 (s) | p95 (s) | p99 (s) | max lag (chunks) | "
-        "worker CPU | worker RSS (MB) | dead letters |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| streams | minutes | first labels | first label p50 / p95 / p99 (s) | final turn p50 / p95 (s) | "
+        "max lag (chunks) | worker CPU | worker RSS (MB) | dead letters |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rows.append(
-            f"| {r.streams} | {r.minutes:g} | {r.segments} | {r.latency_p50_s:.2f} | {r.latency_p95_s:.2f} | "
-            f"{r.latency_p99_s:.2f} | {r.max_lag_chunks} | {r.worker_cpu_percent:.0f} % | "
-            f"{r.worker_rss_mb:.0f} | {r.dead_letters} |"
+            f"| {r.streams} | {r.minutes:g} | {r.segments} | {r.latency_p50_s:.2f} / {r.latency_p95_s:.2f} / "
+            f"{r.latency_p99_s:.2f} | {r.final_p50_s:.2f} / {r.final_p95_s:.2f} | {r.max_lag_chunks} | "
+            f"{r.worker_cpu_percent:.0f} % | {r.worker_rss_mb:.0f} | {r.dead_letters} |"
         )
     return "\n".join(rows)
 
@@ -301,6 +338,7 @@ def run_sweep(settings: Settings, counts: list[int], minutes: float, out_dir: Pa
         if broker:
             broker.stop()
     plot(results, out_dir / "loadtest.png")
-    summary = [{k: v for k, v in asdict(r).items() if k not in ("timeline", "samples")} for r in results]
+    series = ("timeline", "final_timeline", "samples")
+    summary = [{k: v for k, v in asdict(r).items() if k not in series} for r in results]
     (out_dir / "loadtest.json").write_text(json.dumps(summary, indent=2))
     return results

@@ -85,8 +85,8 @@ class Settings:
     batch_max_size: int = _env("SPEAKERFLOW_BATCH_MAX_SIZE", 64, "Most windows per embedding batch.")
     batch_max_wait_ms: int = _env(
         "SPEAKERFLOW_BATCH_MAX_WAIT_MS",
-        5,
-        "Longest a window waits for others to share its batch (windows queued meanwhile join the next).",
+        0,
+        "Longest a window waits to share a batch; 0: windows queued while a batch runs form the next.",
     )
     embedding_workers: int = _env(
         "SPEAKERFLOW_EMBEDDING_WORKERS",
@@ -228,6 +228,10 @@ class Settings:
             "compression.type": "none" if embedded else "lz4",
             # Enrollment and verification requests carry audio; their topics accept 16 MB records.
             "message.max.bytes": 16 * 1024 * 1024 + 4096,
+            # Topics come only from `create_topics`, with their partitions and configs. A producer must
+            # not auto-create a missing one (with the broker's defaults: wrong partition count, gallery not
+            # compacted), e.g. while an in-memory broker that restarted empty is waiting for them.
+            "allow.auto.create.topics": False,
         }
         # Idempotence is what production wants; Tansu's idempotent producer support is not relied on.
         conf["enable.idempotence"] = not embedded
@@ -244,6 +248,10 @@ class Settings:
         }
         if embedded:
             conf["heartbeat.interval.ms"] = 1000
+            # The in-memory broker loses every topic when it restarts. A consumer that rejoined before the
+            # topics were created again sees them only at its next metadata refresh (librdkafka: every
+            # 5 min): refresh often, so a running worker picks them up within seconds.
+            conf["topic.metadata.refresh.interval.ms"] = 5000
         if group_id is not None:
             conf["group.id"] = group_id
         else:

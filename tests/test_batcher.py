@@ -149,3 +149,17 @@ def test_close_finishes_queued_windows_then_refuses_new_ones(ge2e, windows: list
     assert all(f.done() and f.exception() is None for f in futures)
     with pytest.raises(BatcherClosed):
         batcher.submit(windows[0])
+
+
+def test_with_no_wait_one_call_is_one_batch_and_a_busy_model_gathers_the_rest(ge2e, windows) -> None:
+    gate = threading.Event()
+    recorder = Recording(ge2e, gate)
+    with EmbeddingBatcher(recorder, max_batch_size=64, max_wait_ms=0) as batcher:
+        first = batcher.submit_many(windows[:5])  # one caller's windows arrive together
+        assert recorder.entered.wait(10)
+        # While the model is busy, two other callers queue up: they share the next batch.
+        later = batcher.submit_many(windows[5:8]) + batcher.submit_many(windows[8:12])
+        gate.set()
+        rows = [f.result(timeout=30) for f in first + later]
+    assert [len(b) for b in recorder.batches] == [5, 7]
+    np.testing.assert_allclose(np.stack(rows), ge2e.embed(windows[:12]), atol=1e-5)
