@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from processors.clustering import OnlineClustering
 from processors.offline_clustering import OfflineConfig, align_to, recluster, second_labels
@@ -434,7 +433,7 @@ class StreamDiarizer:
         """
         if self._awaiting:
             raise RuntimeError(f"snapshot with {self._awaiting} windows still awaiting embeddings")
-        vad, machine, model = self._vad, self._vad._machine, self._vad._model
+        vad, machine = self._vad, self._vad._machine
         scalars = {
             "format": SNAPSHOT_FORMAT,
             "config": _config_dict(self.config),
@@ -462,15 +461,14 @@ class StreamDiarizer:
             "vad_machine": {
                 k: v for k, v in vars(machine).items() if isinstance(v, bool | int | float | None)
             },
-            "vad_model": {"last_sr": int(model._last_sr), "last_batch_size": int(model._last_batch_size)},
         }
         scalars["windows_from"] = windows_from
         arrays = _window_arrays(self._windows, self._embeddings, windows_from, self.window_count)
         arrays |= {f"c_{k}": v for k, v in self.clustering.state().items()}
         arrays["audio"] = self._audio
         arrays["vad_pending"] = vad._pending
-        arrays["vad_state"] = model._state.detach().numpy()
-        arrays["vad_context"] = model._context.detach().numpy()
+        arrays["vad_state"] = vad.frames.state
+        arrays["vad_context"] = vad.frames.context
         if self._turn is not None:
             arrays["turn_emb_sum"] = self._turn.emb_sum
         buffer = io.BytesIO()
@@ -527,15 +525,13 @@ class StreamDiarizer:
                 arrays["turn_emb_sum"].astype(np.float64),
                 turn["window_count"],
             )
-        vad, model = self._vad, self._vad._model
+        vad = self._vad
         vad._frames, vad._seen, vad._finished = (scalars["vad"][k] for k in ("frames", "seen", "finished"))
         vad._pending = arrays["vad_pending"].astype(np.float32)
         for key, value in scalars["vad_machine"].items():
             setattr(vad._machine, key, value)
-        model._state = torch.from_numpy(arrays["vad_state"].copy())
-        model._context = torch.from_numpy(arrays["vad_context"].copy())
-        model._last_sr = scalars["vad_model"]["last_sr"]
-        model._last_batch_size = scalars["vad_model"]["last_batch_size"]
+        vad.frames.state = arrays["vad_state"].astype(np.float32)
+        vad.frames.context = arrays["vad_context"].astype(np.float32).reshape(1, -1)
         return self
 
 

@@ -97,6 +97,17 @@ def test_hysteresis_matches_silero_reference(padded_speech: np.ndarray, offline_
     np.testing.assert_allclose(offline_regions, expected, atol=1e-9)
 
 
+def test_sequence_model_scores_like_the_jit_model(padded_speech: np.ndarray) -> None:
+    # 16 kHz runs silero's sequence ONNX export in blocks; it must give silero's own per-frame outputs.
+    frames = np.tile(padded_speech, 3)[: 512 * 700]  # more than one 512-frame block
+    model = new_vad_model()
+    with torch.inference_mode():
+        expected = [
+            float(model(torch.from_numpy(frames[i * 512 : (i + 1) * 512].copy()), RATE)) for i in range(700)
+        ]
+    np.testing.assert_allclose(frame_probabilities(frames), expected, atol=1e-5)
+
+
 def test_silence_has_no_regions() -> None:
     assert speech_regions(np.zeros(3 * RATE, np.float32)) == []
     quiet = (1e-4 * np.random.default_rng(0).standard_normal(3 * RATE)).astype(np.float32)
