@@ -65,6 +65,9 @@ class MatchProcessor(Processor):
             for record, relabelled in self._identify(segment):
                 publisher.publish(self._out_topic, segment["stream_id"], "IdentifiedSegment", record)
                 self.metrics.inc("segments.relabelled" if relabelled else "segments.identified")
+                if not relabelled and record["revision"] == 0:  # live news, not a re-statement
+                    latency_s = (record["emitted_at_ms"] - record["source_capture_ts_ms"]) / 1000
+                    self.metrics.segment_latency.observe(max(latency_s, 0.0))
             self._last_seen[segment["stream_id"]] = time.monotonic()
 
     def _identify(self, segment: dict) -> list[tuple[dict, bool]]:

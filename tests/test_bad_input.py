@@ -98,6 +98,7 @@ def test_bad_audio_goes_to_the_dead_letter_topic_and_streams_go_on(settings, wor
     assert worker.embedder.stats.windows > 0
     assert worker.metrics.registry.get_sample_value("speakerflow_embedding_batch_size_count") > 0
     assert worker.metrics.registry.get_sample_value("speakerflow_embedding_batch_seconds_count") > 0
+    assert worker.metrics.registry.get_sample_value("speakerflow_segment_latency_seconds_count") > 0
 
 
 def test_streams_that_never_end_are_closed_by_the_idle_timeout(settings, worker, shared_data):
