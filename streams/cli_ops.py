@@ -15,7 +15,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if args.broker == "embedded":
         settings = replace(settings, broker_profile="embedded")
     counts = [int(n) for n in str(args.streams).split(",")]
-    results = run_sweep(settings, counts, args.minutes, Path(args.out))
+    results = run_sweep(settings, counts, args.minutes, Path(args.out), args.workers)
     print("\n" + format_table(results))
     holding = [r.streams for r in results if r.holds(args.p95)]
     print(f"\nlargest stream count holding p95 <= {args.p95:g} s: {max(holding) if holding else 'none'}")
@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loadtest", help="play N live conversations at real-time pace and measure latency")
     p.add_argument("--streams", default="4", help="stream count, or a comma list to sweep (e.g. 4,8,16)")
     p.add_argument("--minutes", type=float, default=2.0, help="length of each conversation")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the partitions (one consumer group)"
+    )
     p.add_argument("--out", default=".data/loadtest", help="folder for the JSON, the PNG and worker logs")
     p.add_argument("--p95", type=float, default=2.0, help="latency target for the verdict (seconds)")
     p.add_argument(

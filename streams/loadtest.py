@@ -58,6 +58,7 @@ class LoadResult:
     samples: list[tuple[float, float, float, int]] = field(
         default_factory=list, repr=False
     )  # t, cpu, rss, lag
+    workers: int = 1  # worker processes in the consumer group
 
     def holds(self, p95_limit_s: float = 2.0) -> bool:
         return self.segments > 0 and self.latency_p95_s <= p95_limit_s
@@ -168,6 +169,12 @@ class SegmentNews:
         return first, final
 
 
+def _proc_samples(processes: list[subprocess.Popen]) -> tuple[float, float]:
+    """(cpu seconds, rss MB) of the worker processes together."""
+    cpu, rss = zip(*(_proc_sample(w.pid) for w in processes), strict=True)
+    return sum(cpu), sum(rss)
+
+
 def _proc_sample(pid: int) -> tuple[float, float]:
     """(cpu seconds so far, rss MB) of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -182,26 +189,28 @@ def _committed(consumer: Consumer, topic: str, partitions: int) -> int:
     return sum(max(tp.offset, 0) for tp in offsets)
 
 
-def run_loadtest(settings: Settings, streams: int, minutes: float, log_dir: Path) -> LoadResult:
+def run_loadtest(
+    settings: Settings, streams: int, minutes: float, log_dir: Path, workers: int = 1
+) -> LoadResult:
     run_id = uuid.uuid4().hex[:6]
     settings = replace(settings, topic_prefix=f"load{run_id}", group_prefix=f"load{run_id}")
     create_topics(settings)
     audios = conversations(Path(settings.shared_data_dir), streams, minutes * 60)
-    worker = _start_worker(settings, log_dir / f"worker-{streams}.log")
+    processes = _start_workers(settings, log_dir, f"{streams}", workers)
     try:
         probe = LatencyProbe(settings, f"load-{run_id}-")
         probe.start()
         player = Player(settings, audios, run_id)
         lag_reader = Consumer(settings.consumer_config(settings.group("diarize")))
         samples = []
-        cpu0, _ = _proc_sample(worker.pid)
+        cpu0, _ = _proc_samples(processes)
         t0 = time.monotonic()
         player.start()
         while player.is_alive() or time.monotonic() - t0 < minutes * 60 + 5:
             time.sleep(1.0)
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker died (code {worker.returncode}); see {log_dir}")
-            cpu, rss = _proc_sample(worker.pid)
+            if any(w.poll() is not None for w in processes):
+                raise RuntimeError(f"a worker died; see the worker logs in {log_dir}")
+            cpu, rss = _proc_samples(processes)
             lag = sum(player.sent_by_stream) - _committed(
                 lag_reader, settings.topic("audio"), settings.partitions
             )
@@ -210,9 +219,13 @@ def run_loadtest(settings: Settings, streams: int, minutes: float, log_dir: Path
         probe.join(timeout=10)
         lag_reader.close()
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-    return _summarise(streams, minutes, probe, samples, cpu0, _dead_letters(settings))
+        for w in processes:
+            w.terminate()
+        for w in processes:
+            w.wait(timeout=30)
+    result = _summarise(streams, minutes, probe, samples, cpu0, _dead_letters(settings))
+    result.workers = workers
+    return result
 
 
 def _summarise(streams, minutes, probe: LatencyProbe, samples, cpu0, dead) -> LoadResult:
@@ -255,23 +268,30 @@ def _dead_letters(settings: Settings) -> int:
     return count
 
 
-def _start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
-    env = settings.child_env()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "w")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker", "--roles", "diarize,match"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while "worker ready" not in log_path.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"worker did not start; see {log_path}")
-        time.sleep(0.2)
-    return process
+def _start_workers(settings: Settings, log_dir: Path, tag: str, count: int) -> list[subprocess.Popen]:
+    """`count` worker processes in one consumer group (they share the partitions), once all are ready."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = []
+    for i in range(count):
+        log_path = log_dir / f"worker-{tag}-{i}.log"
+        log = open(log_path, "w")  # noqa: SIM115 - handed to the child
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker", "--roles", "diarize,match"],
+            env=settings.child_env(),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        started.append((process, log_path))
+    deadline = time.monotonic() + 180
+    for process, log_path in started:
+        while "worker ready" not in log_path.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                for p, _ in started:
+                    p.kill()
+                raise RuntimeError(f"worker did not start; see {log_path}")
+            time.sleep(0.2)
+    return [p for p, _ in started]
 
 
 def plot(results: list[LoadResult], path: Path) -> None:
@@ -308,20 +328,23 @@ def plot(results: list[LoadResult], path: Path) -> None:
 
 def format_table(results: list[LoadResult]) -> str:
     rows = [
-        "| streams | minutes | first labels | first label p50 / p95 / p99 (s) | final turn p50 / p95 (s) | "
-        "max lag (chunks) | worker CPU | worker RSS (MB) | dead letters |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| streams | workers | minutes | first labels | first label p50 / p95 / p99 (s) | "
+        "final turn p50 / p95 (s) | max lag (chunks) | worker CPU | worker RSS (MB) | dead letters |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rows.append(
-            f"| {r.streams} | {r.minutes:g} | {r.segments} | {r.latency_p50_s:.2f} / {r.latency_p95_s:.2f} / "
-            f"{r.latency_p99_s:.2f} | {r.final_p50_s:.2f} / {r.final_p95_s:.2f} | {r.max_lag_chunks} | "
+            f"| {r.streams} | {r.workers} | {r.minutes:g} | {r.segments} | "
+            f"{r.latency_p50_s:.2f} / {r.latency_p95_s:.2f} / {r.latency_p99_s:.2f} | "
+            f"{r.final_p50_s:.2f} / {r.final_p95_s:.2f} | {r.max_lag_chunks} | "
             f"{r.worker_cpu_percent:.0f} % | {r.worker_rss_mb:.0f} | {r.dead_letters} |"
         )
     return "\n".join(rows)
 
 
-def run_sweep(settings: Settings, counts: list[int], minutes: float, out_dir: Path) -> list[LoadResult]:
+def run_sweep(
+    settings: Settings, counts: list[int], minutes: float, out_dir: Path, workers: int = 1
+) -> list[LoadResult]:
     out_dir.mkdir(parents=True, exist_ok=True)
     broker = None
     if settings.embedded:
@@ -330,8 +353,8 @@ def run_sweep(settings: Settings, counts: list[int], minutes: float, out_dir: Pa
     results = []
     try:
         for n in counts:
-            print(f"loadtest: {n} streams x {minutes:g} min ...", flush=True)
-            result = run_loadtest(settings, n, minutes, out_dir)
+            print(f"loadtest: {n} streams x {minutes:g} min, {workers} worker process(es) ...", flush=True)
+            result = run_loadtest(settings, n, minutes, out_dir, workers)
             results.append(result)
             print(format_table([result]).splitlines()[-1], flush=True)
     finally:
