@@ -368,8 +368,10 @@ class _Arrivals:
     def _run(self) -> None:
         import time
 
+        from streams.runtime import consume_available
+
         while not self._stop.is_set():
-            for msg in self._consumer.consume(100, timeout=0.05):
+            for msg in consume_available(self._consumer, 100, 0.05):
                 if msg.error() is not None:
                     continue
                 now = time.perf_counter()

@@ -12,7 +12,7 @@ from confluent_kafka import Consumer
 
 from processors.audio import decode_file, encode_pcm
 from schemas import codec
-from streams.runtime import Publisher, now_ms
+from streams.runtime import Publisher, consume_available, now_ms
 from streams.settings import Settings
 
 SAMPLE_RATE = 16000
@@ -236,7 +236,7 @@ def await_record(
         metadata = consumer.list_topics(topic, timeout=max(timeout_s, 1.0)).topics[topic]
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
         while time.monotonic() < deadline:
-            for msg in consumer.consume(num_messages=500, timeout=0.05):
+            for msg in consume_available(consumer, 500, 0.05):
                 if msg.error() is not None or msg.value() is None:
                     continue
                 try:

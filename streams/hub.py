@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from confluent_kafka import Consumer
 
 from schemas import codec
+from streams.runtime import consume_available
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ResultHub(threading.Thread):
         consumer.subscribe(list(self._by_topic), on_assign=lambda *_: self.ready.set())
         try:
             while not self.stopping.is_set():
-                for msg in consumer.consume(200, timeout=0.1):
+                for msg in consume_available(consumer, 200, 0.1):
                     if msg.error() is None and msg.value() is not None:
                         self._dispatch(msg.topic(), msg.value())
         finally:

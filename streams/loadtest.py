@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, TopicPartition
 from processors.audio import encode_pcm
 from schemas import codec
 from streams.broker import start_embedded_broker
-from streams.runtime import Publisher, now_ms
+from streams.runtime import Publisher, consume_available, now_ms
 from streams.scenario import librispeech_scenario
 from streams.settings import REPO_ROOT, Settings
 from streams.topics import create_topics
@@ -130,7 +130,7 @@ class LatencyProbe(threading.Thread):
         news = SegmentNews()
         try:
             while not self.stopping.is_set():
-                for msg in consumer.consume(500, timeout=0.1):
+                for msg in consume_available(consumer, 500, 0.1):
                     if msg.error() is not None or msg.value() is None:
                         continue
                     seg = codec.decode("IdentifiedSegment", msg.value())
