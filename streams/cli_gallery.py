@@ -581,9 +581,8 @@ def cmd_eval_gallery(args: argparse.Namespace) -> int:
     from processors.scoring import default_calibration
 
     settings = _settings()
-    # Streaming VAD calls the model once per 32-ms frame: with more than one intra-op thread every
-    # call pays for waking the others (measured, 15 s of audio: 1.3 s on one thread, 18-60 s on two
-    # on a busy 2-core machine).
+    # Small per-chunk model calls gain nothing from more intra-op threads and pay for waking them
+    # (measured on a busy 2-core machine, 15 s of audio: 1.3 s on one thread, 18-60 s on two).
     torch.set_num_threads(args.threads or settings.torch_threads or 1)
     embedder = load_embedder(
         args.embedder or settings.embedder, settings.device, settings.embedding_model_path
