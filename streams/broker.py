@@ -42,6 +42,7 @@ class EmbeddedBroker:
     process: subprocess.Popen
     host: str
     port: int
+    log_path: Path | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -56,6 +57,13 @@ class EmbeddedBroker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=timeout_s)
+
+    def restart(self, down_s: float = 0.0, ready_timeout_s: float = 20.0) -> None:
+        """Stop the broker, leave it down `down_s` seconds, and start a new one on the same address.
+        Being in memory, it comes back empty: no topics, no records, no committed offsets."""
+        self.stop()
+        time.sleep(down_s)
+        self.process = start_embedded_broker(self.port, self.host, self.log_path, ready_timeout_s).process
 
 
 def broker_binary() -> Path:
@@ -83,7 +91,7 @@ def start_embedded_broker(
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
     env = os.environ | {"RUST_LOG": os.environ.get("RUST_LOG", "warn")}
     process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    broker = EmbeddedBroker(process, host, port)
+    broker = EmbeddedBroker(process, host, port, log_path)
     try:
         wait_for_port(host, port, ready_timeout_s)
     except TimeoutError:

@@ -3,15 +3,21 @@
 This is the table side of the stream-table join (Kafka Streams calls it a GlobalKTable). The reader has
 no consumer group and commits nothing: it starts at the beginning of every partition on each start,
 so a new or restarted matcher rebuilds the whole gallery, and then follows live updates and tombstones.
+
+Offsets mean nothing once the topic is deleted and created again (the in-memory development broker loses
+every topic when it restarts). The reader checks the topic's id every few seconds; when it changes, the
+table is emptied and rebuilt from the beginning of the new topic, as a worker started now would build it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from gallery.matcher import Gallery
 from gallery.voiceprint import Voiceprint
@@ -24,6 +30,8 @@ Listener = Callable[[str, Voiceprint | None], None]
 
 
 class GalleryTable(threading.Thread):
+    TOPIC_CHECK_S = 5.0  # how often the topic's id is checked
+
     def __init__(self, settings: Settings, gallery: Gallery, listeners: list[Listener] | None = None) -> None:
         super().__init__(name="speakerflow-gallery", daemon=True)
         self.settings = settings
@@ -35,28 +43,60 @@ class GalleryTable(threading.Thread):
 
     def run(self) -> None:
         consumer = Consumer(self.settings.consumer_config(None))
+        admin = AdminClient(self.settings.kafka_common())
         topic = self.settings.topic("gallery")
         try:
-            partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-            assignment = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
-            consumer.assign(assignment)
-            targets = {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
-            }
-            positions = dict.fromkeys(partitions, 0)
+            topic_id = self._topic_id(admin, topic)
+            targets = self._read_from_start(consumer, topic)
+            positions = dict.fromkeys(targets, 0)
+            next_check = time.monotonic() + self.TOPIC_CHECK_S
             while not self.stopping.is_set():
                 for msg in consumer.consume(num_messages=500, timeout=0.1):
                     if msg.error() is None:
                         self._apply(msg.key(), msg.value())
                         positions[msg.partition()] = msg.offset() + 1
-                if not self.ready.is_set() and all(positions[p] >= targets[p] for p in partitions):
+                if not self.ready.is_set() and all(positions[p] >= end for p, end in targets.items()):
                     log.info("gallery table ready: %d voiceprints", len(self.gallery))
                     self.ready.set()
+                if time.monotonic() >= next_check:
+                    current = self._topic_id(admin, topic)
+                    if current is not None and topic_id is not None and current != topic_id:
+                        log.warning("gallery topic %s was created anew: rebuilding the table from it", topic)
+                        self._forget_all()
+                        targets = self._read_from_start(consumer, topic)
+                        positions = dict.fromkeys(targets, 0)
+                    topic_id = current or topic_id
+                    next_check = time.monotonic() + self.TOPIC_CHECK_S
         except Exception:
             log.exception("gallery table reader failed")
             raise
         finally:
             consumer.close()
+
+    @staticmethod
+    def _topic_id(admin: AdminClient, topic: str) -> str | None:
+        """The topic's id (a new one once it is deleted and created again); None while unknown."""
+        try:
+            description = admin.describe_topics(TopicCollection([topic]), request_timeout=5)[topic].result()
+        except KafkaException:  # the broker is away, or the topic does not exist (yet)
+            return None
+        topic_id = str(description.topic_id)
+        return None if set(topic_id) == {"A"} else topic_id  # all zeros: a broker without topic ids
+
+    @staticmethod
+    def _read_from_start(consumer: Consumer, topic: str) -> dict[int, int]:
+        """Read every partition of the topic from its first record; returns each partition's end offset."""
+        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
+        }
+
+    def _forget_all(self) -> None:
+        for voiceprint in self.gallery.speakers():
+            self.gallery.delete(voiceprint.speaker_id)
+            for listener in self.listeners:
+                listener(voiceprint.speaker_id, None)
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         speaker_id = (key or b"").decode()
