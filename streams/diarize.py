@@ -8,13 +8,13 @@ version share the id); the end-of-stream re-clustering emits a complete new labe
 `<stream>:r1:<turn>` and `revision` 1. A consumer shows, per stream, the rows of the highest revision
 it has seen: once revision 1 arrives it replaces every revision-0 row of that stream.
 
-State that survives a restart: every `state_every_s` seconds of audio (and when a partition is
-revoked) each stream's diarizer is snapshotted to the compacted `diarizer.state` topic, keyed by
-stream id, in the same partition number as the stream's audio. A worker that meets a stream it does
-not know at a sequence number above 0 loads the snapshot and replays the audio topic from the
-snapshot's resume offset, so nothing between the snapshot and the crash is lost; segments of the replay
-carry the same ids as before, which the sink's upserts absorb. The stream's end deletes its state
-(tombstones).
+State that survives a restart: in the batch that opens a stream, then every `state_every_s` seconds
+of audio (and when a partition is revoked) each stream's diarizer is snapshotted to the compacted
+`diarizer.state` topic, keyed by stream id, in the same partition number as the stream's audio. A
+worker that meets a stream it does not know at a sequence number above 0 loads the snapshot and
+replays the audio topic from the snapshot's resume offset, so nothing between the snapshot and the
+crash is lost; segments of the replay carry the same ids as before, which the sink's upserts absorb.
+The stream's end deletes its state (tombstones).
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ class StreamState:
     last_chunk_monotonic: float = field(default_factory=time.monotonic)
     ended: bool = False
     applied_offset: int = -1  # audio-topic offset of the last chunk applied to the diarizer
-    saved_audio_s: float = 0.0  # audio position of the last snapshot
+    # Audio position of the last snapshot; -inf: none yet, so the stream's first batch takes one. A
+    # worker that crashed before a stream's first snapshot would otherwise leave the next owner a stream
+    # it cannot restore, and it would go on without its beginning.
+    saved_audio_s: float = float("-inf")
     saved_blocks: int = 0  # window blocks already in the state topic
 
     def resume_offset(self) -> int:
@@ -115,6 +118,8 @@ class DiarizeProcessor(Processor):
         self._embed_and_emit(pending, publisher)
         for state in ended:
             self._finish(state, publisher)
+        if ended:
+            self.store.flush()  # the finished streams' tombstones, before the input offsets are committed
         self._save_due(touched.values(), publisher)
 
     def _accept(
@@ -366,6 +371,9 @@ class DiarizeProcessor(Processor):
         for state in leaving:
             del self.streams[state.stream_id]
         self.store.forget(lost)
+
+    def close(self) -> None:
+        self.store.flush()
 
 
 class DiarizerStateStore:

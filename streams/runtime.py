@@ -113,6 +113,9 @@ class Processor:
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Partitions moved to another worker: drop their state."""
 
+    def close(self) -> None:
+        """The stage stops (after its consumer closed): deliver anything it still holds."""
+
 
 class ProcessorThread(threading.Thread):
     LAG_EVERY_S = 5.0
@@ -149,7 +152,8 @@ class ProcessorThread(threading.Thread):
             self.failure = exc
             log.exception("processor %s failed", self.processor.role)
         finally:
-            consumer.close()
+            consumer.close()  # revokes the partitions: stages hand their state over
+            self.processor.close()
 
     def _report_lag(self, consumer: Consumer) -> None:
         """Records behind the end of the assigned partitions, from the offsets of the last fetches.
