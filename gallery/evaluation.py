@@ -54,9 +54,9 @@ class MatcherVariant:
     name: str
     exclusive: bool = True
     relabel: bool = True
-    margin: float = 0.12  # the Matcher's defaults
+    margin: float = 0.08  # the Matcher's defaults
     threshold: float = 0.0  # 0 = the calibration's
-    sure_offset: float = 0.07
+    sure_offset: float = 0.08
     consistency: float = 0.08
 
 

@@ -130,7 +130,7 @@ class Settings:
     )
     match_margin: float = _env(
         "SPEAKERFLOW_MATCH_MARGIN",
-        0.12,
+        0.08,
         "Best voiceprint must beat the runner-up by this cosine margin (0 = off; waived for sure scores).",
     )
     match_exclusive: bool = _env(
