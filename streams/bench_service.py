@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
+from streams import database
 from streams.broker import free_port, start_embedded_broker
-from streams.database import migrate, resolve_database_url
+from streams.database import resolve_database_url
 from streams.metrics import Metrics
 from streams.runtime import Publisher, now_ms
 from streams.settings import REPO_ROOT, Settings
@@ -37,16 +38,10 @@ from streams.topics import create_topics
 def scratch_database(settings: Settings) -> Iterator[str]:
     """A migrated database of its own on the configured (or embedded) server, dropped afterwards."""
     server_url, embedded = resolve_database_url(settings.database_url, settings.data_dir)
-    name = f"speakerflow_bench_{uuid.uuid4().hex[:8]}"
     try:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
-        migrate(url)
-        yield url
+        with database.scratch_database(server_url, "speakerflow_bench") as url:
+            yield url
     finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         if embedded:
             embedded.stop()
 

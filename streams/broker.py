@@ -13,9 +13,13 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,20 @@ class EmbeddedBroker:
     @property
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def run_settings(self, data_dir: str | Path, tag: str = "", **overrides: Any) -> Settings:
+        """Settings for a run of its own on this broker (tests, benchmarks): the embedded profile, topic
+        and group prefixes no other run shares, two partitions, and `overrides` (environment ignored)."""
+        tag = tag or uuid.uuid4().hex[:8]
+        values: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "broker_profile": "embedded",
+            "topic_prefix": f"t{tag}",
+            "group_prefix": f"g{tag}",
+            "partitions": 2,
+            "data_dir": str(data_dir),
+        }
+        return Settings.from_env({}, **(values | overrides))
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process.poll() is not None:

@@ -403,25 +403,16 @@ def run_request_bench(kind: str, requests: int, speech_s: float, warmup: int) ->
     """Latency of enrollment or verification requests through an embedded broker and an in-process
     worker (roles enroll and verify, no database): publish one request, wait for its output, repeat."""
     import tempfile
-    import uuid
 
     from processors.embedding import load_embedder
     from streams.broker import start_embedded_broker
-    from streams.settings import Settings
     from streams.worker import Worker
 
     base = _settings()
     tmp = Path(tempfile.mkdtemp(prefix="speakerflow-bench-"))
     broker = start_embedded_broker(log_path=tmp / "broker.log")
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings.from_env(
-        {},
-        bootstrap_servers=broker.bootstrap_servers,
-        broker_profile="embedded",
-        topic_prefix=f"bench{tag}",
-        group_prefix=f"bench{tag}",
-        partitions=2,
-        data_dir=str(tmp),
+    settings = broker.run_settings(
+        tmp,
         shared_data_dir=base.shared_data_dir,
         embedder=base.embedder,
         device=base.device,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -72,3 +75,22 @@ def migrate(url: str) -> list[int]:
             applied_now.append(version)
         conn.execute("SELECT pg_advisory_unlock(727274)")
     return applied_now
+
+
+@contextmanager
+def scratch_database(
+    server_url: str, prefix: str = "speakerflow_scratch", migrated: bool = True
+) -> Iterator[str]:
+    """A new database of its own on the server at `server_url` (migrated unless told not to), dropped
+    afterwards: for tests and benchmarks that must not see each other's rows."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+        if migrated:
+            migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import psycopg
 import pytest
 
 from streams.broker import EmbeddedBroker, start_embedded_broker
+from streams.database import scratch_database
 from streams.settings import REPO_ROOT, Settings
 
 SHARED_DATA = Path(os.environ.get("SPEAKERFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -37,17 +37,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 @pytest.fixture
 def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     """Settings on the embedded broker with topics and groups of their own, so tests never interfere."""
-    tag = uuid.uuid4().hex[:8]
-    return Settings.from_env(
-        {},
-        bootstrap_servers=broker.bootstrap_servers,
-        broker_profile="embedded",
-        topic_prefix=f"t{tag}",
-        group_prefix=f"g{tag}",
-        partitions=2,
-        data_dir=str(tmp_path),
-        shared_data_dir=str(SHARED_DATA),
-    )
+    return broker.run_settings(tmp_path, shared_data_dir=str(SHARED_DATA))
 
 
 @pytest.fixture(scope="session")
@@ -70,13 +60,8 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def database_url(pg_server: str) -> Iterator[str]:
     """A fresh, empty database, dropped after the test."""
-    name = f"speakerflow_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = psycopg.conninfo.make_conninfo(pg_server, dbname=name)
-    yield url
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg_server, "speakerflow_test", migrated=False) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ from processors.audio import encode_pcm
 from processors.corpus import by_speaker, load_manifest
 from streams.api import create_app
 from streams.broker import free_port
+from streams.database import scratch_database
 from streams.scenario import librispeech_scenario
-from streams.settings import Settings
 from streams.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -36,55 +36,36 @@ def flac_bytes(audio: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def stack(broker, pg_server, ge2e, shared_data, tmp_path_factory) -> Iterator[dict]:
     """A worker (all stages) + the gateway on a free loopback port, with one API key."""
-    import uuid
-
-    import psycopg
-
-    tag = uuid.uuid4().hex[:8]
-    name = f"speakerflow_api_{tag}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = psycopg.conninfo.make_conninfo(pg_server, dbname=name)
-    settings = Settings.from_env(
-        {},
-        bootstrap_servers=broker.bootstrap_servers,
-        broker_profile="embedded",
-        topic_prefix=f"a{tag}",
-        group_prefix=f"a{tag}",
-        partitions=2,
-        data_dir=str(tmp_path_factory.mktemp("api")),
-        api_keys="secret-key",
-        api_max_upload_mb=2.0,
-        idle_timeout_s=5.0,
+    settings = broker.run_settings(
+        tmp_path_factory.mktemp("api"), api_keys="secret-key", api_max_upload_mb=2.0, idle_timeout_s=5.0
     )
-    worker = Worker(settings, database_url=url, embedder=ge2e)
-    worker.start()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, url), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "secret-key"}, timeout=120
-    )
-    yield {
-        "client": client,
-        "port": port,
-        "settings": settings,
-        "url": url,
-        "worker": worker,
-        "scenario": librispeech_scenario(shared_data, turns=5),
-    }
-    client.close()
-    server.should_exit = True
-    thread.join(timeout=10)
-    worker.stop()
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg_server, "speakerflow_api", migrated=False) as url:
+        worker = Worker(settings, database_url=url, embedder=ge2e)
+        worker.start()
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings, url), host="127.0.0.1", port=port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "secret-key"}, timeout=120
+        )
+        yield {
+            "client": client,
+            "port": port,
+            "settings": settings,
+            "url": url,
+            "worker": worker,
+            "scenario": librispeech_scenario(shared_data, turns=5),
+        }
+        client.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+        worker.stop()
 
 
 def enroll(client: httpx.Client, speaker_id: str, files) -> httpx.Response:

@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -222,17 +221,7 @@ def test_worker_and_sink_survive_a_broker_restart(database_url, shared_data, tmp
     topics are created again, its gallery follows the new, empty gallery topic, a speaker enrolled now is
     used, and a new stream is processed end to end, to identified segments and rows in PostgreSQL."""
     broker = start_embedded_broker(log_path=tmp_path / "broker.log")
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings.from_env(
-        {},
-        bootstrap_servers=broker.bootstrap_servers,
-        broker_profile="embedded",
-        topic_prefix=f"t{tag}",
-        group_prefix=f"g{tag}",
-        partitions=2,
-        data_dir=str(tmp_path),
-        shared_data_dir=str(shared_data),
-    )
+    settings = broker.run_settings(tmp_path, shared_data_dir=str(shared_data))
     groups = by_speaker(load_manifest(shared_data), "librispeech/test-other")
     before, after = groups["ls-2033"], groups["ls-3080"]  # enrolled before and after the restart
     metrics_port = free_port()

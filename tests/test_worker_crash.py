@@ -36,13 +36,10 @@ a call's newest labelling), so those must be equal.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -56,7 +53,7 @@ from processors.audio import encode_pcm
 from processors.corpus import load_audio, load_manifest
 from processors.simulation import SimulationConfig, simulate
 from streams.client import follow, publish_voiceprints
-from streams.database import migrate
+from streams.database import scratch_database
 from streams.diarize import DiarizerStateStore
 from streams.runtime import Publisher
 from streams.settings import REPO_ROOT, Settings
@@ -136,20 +133,6 @@ def _publish(settings: Settings, calls: list[Call], start: dict[str, int], stop:
                 publisher.publish(topic, call.stream_id, "AudioChunk", chunks[i])
         publisher.poll()
     publisher.flush()
-
-
-@contextlib.contextmanager
-def _fresh_database(pg_server: str) -> Iterator[str]:
-    name = f"speakerflow_crash_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = psycopg.conninfo.make_conninfo(pg_server, dbname=name)
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Workers:
@@ -318,7 +301,10 @@ def test_kill_9_mid_streams_then_takeover_matches_undisturbed_run(
         publish_voiceprints(Publisher(run), voiceprints)  # before the workers start: a fixed gallery
     ids = [c.stream_id for c in calls]
     workers = Workers(tmp_path)
-    with _fresh_database(pg_server) as db_a, _fresh_database(pg_server) as db_b:
+    with (
+        scratch_database(pg_server, "speakerflow_crash") as db_a,
+        scratch_database(pg_server, "speakerflow_crash") as db_b,
+    ):
         try:
             # -- undisturbed run ------------------------------------------------------------------
             worker, log_a = workers.start(undisturbed, db_a, "undisturbed")
