@@ -64,6 +64,7 @@ def run_demo(settings: Settings, realtime: bool = True, turns: int = 10) -> int:
         )
         _play_and_show(settings, stream_id, scenario.audio, realtime, worker)
         _summarise(url, stream_id, embedded_pg is not None)
+        _print_next_steps()
         return 0
     finally:
         if worker is not None:
@@ -76,6 +77,15 @@ def run_demo(settings: Settings, realtime: bool = True, turns: int = 10) -> int:
         if embedded_pg:
             embedded_pg.stop()
         print("• stopped worker, broker" + (" and embedded PostgreSQL" if embedded_pg else ""))
+
+
+def _print_next_steps() -> None:
+    print(
+        "\n• The same engine over HTTP and WebSocket: `speakerflow broker` (export the two variables it\n"
+        "  prints), then `speakerflow worker` and `speakerflow api` (enroll, identify, diarize, verify,\n"
+        "  jobs, live audio on WS /streams/{id}; OpenAPI docs at http://127.0.0.1:8000/docs).\n"
+        "  `speakerflow tail` shows identified segments as they arrive."
+    )
 
 
 def _start_worker(settings: Settings, database_url: str, log_path: Path) -> subprocess.Popen:
