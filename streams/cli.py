@@ -176,6 +176,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     from streams.database import migrate, resolve_database_url
 
     settings = _settings()
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the default action
+    # that would end the process before the `finally` below stops the embedded PostgreSQL.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     url, embedded = resolve_database_url(settings.database_url, settings.data_dir)
     try:
         migrate(url)
