@@ -28,7 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from psycopg.rows import dict_row
 from starlette.exceptions import HTTPException
 
-from processors.audio import AudioDecodeError, decode_file, encode_pcm
+from processors.audio import AudioDecodeError, decode_file
+from streams.client import pcm_sample
 from streams.hub import ResultHub
 from streams.runtime import Publisher, now_ms
 from streams.settings import Settings
@@ -103,16 +104,6 @@ class Gateway:
                 raise ApiError(504, "timeout", f"no result within {self.settings.api_timeout_s} s") from exc
 
 
-def flac_sample(audio: np.ndarray) -> dict:
-    return {
-        "payload": encode_pcm(audio, "PCM_S16LE"),
-        "uri": None,
-        "encoding": "PCM_S16LE",
-        "sample_rate": SAMPLE_RATE,
-        "channels": 1,
-    }
-
-
 def create_app(settings: Settings, database_url: str) -> FastAPI:
     gw = Gateway(settings, database_url)
 
@@ -172,7 +163,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             "speaker_id": speaker_id,
             "name": name,
             "mode": mode.upper(),
-            "samples": [flac_sample(a) for a in audios],
+            "samples": [pcm_sample(a) for a in audios],
             "metadata": {},
             "requested_at_ms": now_ms(),
         }
@@ -232,7 +223,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         record = {
             "request_id": request_id,
             "speaker_id": speaker_id,
-            "sample": flac_sample(audio),
+            "sample": pcm_sample(audio),
             "requested_at_ms": now_ms(),
         }
         result = await gw.request_reply(

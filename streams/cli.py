@@ -105,7 +105,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from streams.client import publish_enrollment, wait_for
+    from streams.client import await_result, publish_enrollment
     from streams.runtime import Publisher
 
     settings = _settings()
@@ -119,13 +119,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     print(f"enrollment request {request_id} for {speaker_id} published")
     if args.wait <= 0:
         return 0
-    result = wait_for(
-        settings,
-        settings.topic("enrollment.results"),
-        "EnrollmentResult",
-        lambda r: r["request_id"] == request_id,
-        timeout_s=args.wait,
-    )
+    result = await_result(settings, "enrollment.results", request_id, args.wait)
     if result["accepted"]:
         print(f"accepted: {result['speech_seconds']:.1f} s of speech, quality {result['quality']:.2f}")
         return 0

@@ -94,7 +94,7 @@ def cmd_speakers_show(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers_delete(args: argparse.Namespace) -> int:
-    from streams.client import await_record, publish_enrollment, read_gallery_snapshot
+    from streams.client import await_result, publish_enrollment, read_gallery_snapshot
     from streams.runtime import Publisher
 
     settings = _settings()
@@ -105,13 +105,7 @@ def cmd_speakers_delete(args: argparse.Namespace) -> int:
     print(f"deletion request {request_id} for {args.speaker_id} published")
     if args.wait <= 0:
         return 0
-    result = await_record(
-        settings,
-        settings.topic("enrollment.results"),
-        "EnrollmentResult",
-        lambda r: r["request_id"] == request_id,
-        timeout_s=args.wait,
-    )
+    result = await_result(settings, "enrollment.results", request_id, args.wait)
     if not result["accepted"]:
         print(f"refused: {result['reason']}", file=sys.stderr)
         return 1
@@ -123,7 +117,7 @@ def cmd_speakers_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers_verify(args: argparse.Namespace) -> int:
-    from streams.client import await_record, publish_verification
+    from streams.client import await_result, publish_verification
     from streams.runtime import Publisher
 
     settings = _settings()
@@ -132,13 +126,7 @@ def cmd_speakers_verify(args: argparse.Namespace) -> int:
         print(f"error: {file} is not a file", file=sys.stderr)
         return 2
     request_id = publish_verification(Publisher(settings), args.speaker_id, file)
-    result = await_record(
-        settings,
-        settings.topic("verification.results"),
-        "VerificationResult",
-        lambda r: r["request_id"] == request_id,
-        timeout_s=args.wait,
-    )
+    result = await_result(settings, "verification.results", request_id, args.wait)
     if args.json:
         print(json.dumps(result))
     if result["error"]:
@@ -337,13 +325,6 @@ def _bench_samples(settings, speech_s: float, count: int) -> tuple[list, list[st
     return samples, speakers
 
 
-def _pcm_sample(audio) -> dict:
-    from processors.audio import encode_pcm
-
-    payload = encode_pcm(audio, "PCM_S16LE")
-    return {"payload": payload, "uri": None, "encoding": "PCM_S16LE", "sample_rate": 16000, "channels": 1}
-
-
 class _Arrivals:
     """Records when each key first shows up on some topics (a reader thread of its own)."""
 
@@ -453,7 +434,7 @@ def _enroll_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
     import time
 
     from schemas import codec
-    from streams.client import now_ms
+    from streams.client import now_ms, pcm_sample
     from streams.runtime import Publisher
 
     samples, speakers = _bench_samples(settings, speech_s, count)
@@ -470,7 +451,7 @@ def _enroll_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
                 "speaker_id": speaker_id,
                 "name": speaker_id,
                 "mode": "REPLACE",
-                "samples": [_pcm_sample(audio)],
+                "samples": [pcm_sample(audio)],
                 "metadata": {},
                 "requested_at_ms": now_ms(),
             }
@@ -498,20 +479,14 @@ def _verify_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
 
     from processors.corpus import by_speaker, load_audio, load_manifest
     from schemas import codec
-    from streams.client import await_record, now_ms, publish_enrollment
+    from streams.client import await_result, now_ms, pcm_sample, publish_enrollment
     from streams.runtime import Publisher
 
     groups = by_speaker(load_manifest(settings.shared_data_dir), prefix="librispeech/test-other")
     target = sorted(groups)[0]
     publisher = Publisher(settings)
     request_id = publish_enrollment(publisher, target, target, [u.path for u in groups[target][:4]])
-    await_record(
-        settings,
-        settings.topic("enrollment.results"),
-        "EnrollmentResult",
-        lambda r: r["request_id"] == request_id,
-        60,
-    )
+    await_result(settings, "enrollment.results", request_id, 60)
     deadline = time.monotonic() + 30
     while target not in worker.gallery and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -528,7 +503,7 @@ def _verify_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
             record = {
                 "request_id": f"ver-{i}",
                 "speaker_id": target,
-                "sample": _pcm_sample(audio),
+                "sample": pcm_sample(audio),
                 "requested_at_ms": now_ms(),
             }
             started = time.perf_counter()

@@ -23,20 +23,46 @@ def file_sample(path: Path) -> dict:
     suffix = path.suffix.lower().lstrip(".")
     encoding = {"flac": "FLAC", "wav": "WAV", "mp3": "MP3", "ogg": "OPUS_OGG", "opus": "OPUS_OGG"}.get(suffix)
     if encoding is None:  # other containers: decode here and send PCM
-        pcm = encode_pcm(decode_file(path), "PCM_S16LE")
-        return {
-            "payload": pcm,
-            "uri": None,
-            "encoding": "PCM_S16LE",
-            "sample_rate": SAMPLE_RATE,
-            "channels": 1,
-        }
+        return pcm_sample(decode_file(path))
     return {
         "payload": path.read_bytes(),
         "uri": None,
         "encoding": encoding,
         "sample_rate": SAMPLE_RATE,
         "channels": 1,
+    }
+
+
+def pcm_sample(samples: np.ndarray) -> dict:
+    """An AudioSample record carrying 16 kHz mono `samples` as PCM s16le."""
+    return {
+        "payload": encode_pcm(samples, "PCM_S16LE"),
+        "uri": None,
+        "encoding": "PCM_S16LE",
+        "sample_rate": SAMPLE_RATE,
+        "channels": 1,
+    }
+
+
+def pcm_chunk(
+    stream_id: str,
+    seq: int,
+    capture_ts_ms: int,
+    samples: np.ndarray,
+    end_of_stream: bool,
+    metadata: dict[str, str] | None = None,
+) -> dict:
+    """An AudioChunk record carrying 16 kHz mono `samples` as PCM s16le."""
+    return {
+        "stream_id": stream_id,
+        "seq": seq,
+        "capture_ts_ms": capture_ts_ms,
+        "sample_rate": SAMPLE_RATE,
+        "channels": 1,
+        "encoding": "PCM_S16LE",
+        "payload": encode_pcm(samples, "PCM_S16LE"),
+        "end_of_stream": end_of_stream,
+        "metadata": metadata or {},
     }
 
 
@@ -86,17 +112,13 @@ def play_audio(
             wait = origin + chunk_offset_s + chunk_s - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-        record = {
-            "stream_id": stream_id,
-            "seq": seq,
-            "capture_ts_ms": origin_ms + int(chunk_offset_s * 1000),
-            "sample_rate": SAMPLE_RATE,
-            "channels": 1,
-            "encoding": "PCM_S16LE",
-            "payload": encode_pcm(samples[start : start + size], "PCM_S16LE"),
-            "end_of_stream": start + size >= len(samples),
-            "metadata": {},
-        }
+        record = pcm_chunk(
+            stream_id,
+            seq,
+            origin_ms + int(chunk_offset_s * 1000),
+            samples[start : start + size],
+            start + size >= len(samples),
+        )
         publisher.publish(topic, stream_id, "AudioChunk", record)
         publisher.poll()
         if on_chunk:
@@ -221,6 +243,20 @@ def _voiceprint_or_none(voiceprint_class: type, value: bytes):
         return voiceprint_class.from_record(codec.decode("Voiceprint", value))
     except (codec.SchemaError, ValueError):
         return None
+
+
+RESULT_RECORDS = {"enrollment.results": "EnrollmentResult", "verification.results": "VerificationResult"}
+
+
+def await_result(settings: Settings, results_topic: str, request_id: str, timeout_s: float) -> dict:
+    """The record answering `request_id` on a results topic (its short name, e.g. "enrollment.results")."""
+    return await_record(
+        settings,
+        settings.topic(results_topic),
+        RESULT_RECORDS[results_topic],
+        lambda r: r["request_id"] == request_id,
+        timeout_s,
+    )
 
 
 def await_record(

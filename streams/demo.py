@@ -15,7 +15,7 @@ import numpy as np
 import psycopg
 
 from streams.broker import start_embedded_broker
-from streams.client import follow, play_audio, publish_enrollment, wait_for
+from streams.client import await_result, follow, play_audio, publish_enrollment
 from streams.database import migrate, resolve_database_url
 from streams.runtime import Publisher
 from streams.scenario import librispeech_scenario
@@ -104,13 +104,7 @@ def _enroll(settings: Settings, enrollments: dict[str, list[Path]]) -> None:
     publisher = Publisher(settings)
     for speaker_id, files in enrollments.items():
         request_id = publish_enrollment(publisher, speaker_id, speaker_id, files)
-        result = wait_for(
-            settings,
-            settings.topic("enrollment.results"),
-            "EnrollmentResult",
-            lambda r, rid=request_id: r["request_id"] == rid,
-            timeout_s=180,
-        )
+        result = await_result(settings, "enrollment.results", request_id, 180)
         verdict = "accepted" if result["accepted"] else f"REJECTED: {result['reason']}"
         print(
             f"• enrolled {speaker_id} from {len(files)} files: {verdict} "

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
-from processors.audio import encode_pcm
 from schemas import codec
-from streams.broker import start_embedded_broker
+from streams.broker import broker_for_run
+from streams.client import pcm_chunk
 from streams.runtime import Publisher, consume_available, now_ms
 from streams.scenario import librispeech_scenario
 from streams.settings import REPO_ROOT, Settings
@@ -97,17 +97,14 @@ class Player(threading.Thread):
             for i, audio in enumerate(self.audios):
                 if start >= len(audio):
                     continue
-                record = {
-                    "stream_id": self.stream_ids[i],
-                    "seq": tick,
-                    "capture_ts_ms": origin_ms + int(tick * CHUNK_S * 1000),
-                    "sample_rate": SAMPLE_RATE,
-                    "channels": 1,
-                    "encoding": "PCM_S16LE",
-                    "payload": encode_pcm(audio[start : start + size], "PCM_S16LE"),
-                    "end_of_stream": start + size >= len(audio),
-                    "metadata": {"source": "loadtest"},
-                }
+                record = pcm_chunk(
+                    self.stream_ids[i],
+                    tick,
+                    origin_ms + int(tick * CHUNK_S * 1000),
+                    audio[start : start + size],
+                    start + size >= len(audio),
+                    {"source": "loadtest"},
+                )
                 self.publisher.publish(self.topic, self.stream_ids[i], "AudioChunk", record)
                 self.sent_by_stream[i] += 1
             self.publisher.poll()
@@ -346,20 +343,13 @@ def run_sweep(
     settings: Settings, counts: list[int], minutes: float, out_dir: Path, workers: int = 1
 ) -> list[LoadResult]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    broker = None
-    if settings.embedded:
-        broker = start_embedded_broker(log_path=out_dir / "broker.log")
-        settings = replace(settings, bootstrap_servers=broker.bootstrap_servers)
     results = []
-    try:
+    with broker_for_run(settings, out_dir) as settings:
         for n in counts:
             print(f"loadtest: {n} streams x {minutes:g} min, {workers} worker process(es) ...", flush=True)
             result = run_loadtest(settings, n, minutes, out_dir, workers)
             results.append(result)
             print(format_table([result]).splitlines()[-1], flush=True)
-    finally:
-        if broker:
-            broker.stop()
     plot(results, out_dir / "loadtest.png")
     series = ("timeline", "final_timeline", "samples")
     summary = [{k: v for k, v in asdict(r).items() if k not in series} for r in results]

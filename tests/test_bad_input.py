@@ -9,7 +9,7 @@ import pytest
 from processors.audio import encode_pcm
 from processors.corpus import by_speaker, load_audio, load_manifest
 from schemas import codec
-from streams.client import file_sample, follow, play_audio, publish_enrollment, wait_for
+from streams.client import await_result, file_sample, follow, play_audio, publish_enrollment
 from streams.runtime import Publisher, now_ms
 from streams.worker import Worker
 
@@ -140,24 +140,12 @@ def test_bad_enrollment_audio_is_rejected_with_a_reason(settings, worker, shared
     outcomes = {}
     for name, path in (("silence", silence), ("music", noise), ("two", two)):
         request_id = publish_enrollment(publisher, f"spk-{name}", name, [path])
-        outcomes[name] = wait_for(
-            settings,
-            settings.topic("enrollment.results"),
-            "EnrollmentResult",
-            lambda r, rid=request_id: r["request_id"] == rid,
-            timeout_s=60,
-        )
+        outcomes[name] = await_result(settings, "enrollment.results", request_id, 60)
     assert not outcomes["silence"]["accepted"] and "speech" in outcomes["silence"]["reason"]
     assert not outcomes["music"]["accepted"], outcomes["music"]
     assert not outcomes["two"]["accepted"] and "two voices" in outcomes["two"]["reason"]
     # the worker still enrolls good audio afterwards
     request_id = publish_enrollment(publisher, "ls-2609", "ok", [u.path for u in groups["ls-2609"][:3]])
-    ok = wait_for(
-        settings,
-        settings.topic("enrollment.results"),
-        "EnrollmentResult",
-        lambda r: r["request_id"] == request_id,
-        timeout_s=60,
-    )
+    ok = await_result(settings, "enrollment.results", request_id, 60)
     assert ok["accepted"], ok["reason"]
     assert file_sample(two)["encoding"] == "WAV"

@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 
-from streams.client import follow, play_audio, publish_enrollment, wait_for
+from streams.client import await_result, follow, play_audio, publish_enrollment, wait_for
 from streams.runtime import Publisher
 from streams.scenario import STRANGER, librispeech_scenario
 from streams.worker import Worker
@@ -30,13 +30,7 @@ def test_identifies_enrolled_speakers_and_flags_a_stranger(settings, database_ur
         publisher = Publisher(settings)
         for speaker_id, files in scenario.enrollments.items():
             request_id = publish_enrollment(publisher, speaker_id, f"name-{speaker_id}", files)
-            result = wait_for(
-                settings,
-                settings.topic("enrollment.results"),
-                "EnrollmentResult",
-                lambda r, rid=request_id: r["request_id"] == rid,
-                timeout_s=120,
-            )
+            result = await_result(settings, "enrollment.results", request_id, 120)
             assert result["accepted"], result["reason"]
         deadline = time.monotonic() + 30
         while len(worker.gallery) < 3 and time.monotonic() < deadline:

@@ -12,7 +12,7 @@ from gallery.portability import read_voiceprints, write_voiceprints
 from gallery.voiceprint import Voiceprint
 from processors.corpus import by_speaker, load_manifest
 from streams.cli import main
-from streams.client import await_record, publish_enrollment
+from streams.client import await_result, publish_enrollment
 from streams.runtime import Publisher
 from streams.worker import Worker
 
@@ -51,13 +51,7 @@ def test_speakers_and_gallery_commands(settings, ge2e, shared_data, monkeypatch,
         request_id = publish_enrollment(
             Publisher(settings), SPEAKER, "Speaker 3080", [u.path for u in groups[SPEAKER][:3]]
         )
-        result = await_record(
-            settings,
-            settings.topic("enrollment.results"),
-            "EnrollmentResult",
-            lambda r: r["request_id"] == request_id,
-            60,
-        )
+        result = await_result(settings, "enrollment.results", request_id, 60)
         assert result["accepted"], result["reason"]
         _eventually(lambda: SPEAKER in worker.gallery, 30)
 

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from processors.corpus import by_speaker, load_audio, load_manifest
-from streams.client import await_record, publish_enrollment, read_gallery_snapshot
+from streams.client import await_record, await_result, publish_enrollment, read_gallery_snapshot
 from streams.runtime import Publisher, now_ms
 from streams.worker import Worker
 
@@ -68,13 +68,7 @@ def _identify_through_kafka(settings, publisher: Publisher, ge2e, audio) -> dict
 
 def _enroll(settings, publisher: Publisher, speaker_id: str, files: list) -> None:
     request_id = publish_enrollment(publisher, speaker_id, f"name-{speaker_id}", files)
-    result = await_record(
-        settings,
-        settings.topic("enrollment.results"),
-        "EnrollmentResult",
-        lambda r: r["request_id"] == request_id,
-        timeout_s=60,
-    )
+    result = await_result(settings, "enrollment.results", request_id, 60)
     assert result["accepted"], result["reason"]
 
 
@@ -97,13 +91,7 @@ def test_deleted_speaker_leaves_matcher_database_and_identification(
         assert before["speaker_id"] == DELETED, before
 
         request_id = publish_enrollment(publisher, DELETED, "", [], mode="DELETE")
-        result = await_record(
-            settings,
-            settings.topic("enrollment.results"),
-            "EnrollmentResult",
-            lambda r: r["request_id"] == request_id,
-            timeout_s=30,
-        )
+        result = await_result(settings, "enrollment.results", request_id, 30)
         assert result["accepted"] and result["reason"] == "deleted"
         # ... the matcher drops it within seconds, the database row goes, the other speaker stays ...
         _eventually(lambda: DELETED not in worker.gallery, 10)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from test_sink import segment, start_sink, table, wait_until
+from test_sink import assert_rows_match, segment, start_sink, table, wait_until
 
 from processors.corpus import by_speaker, load_audio, load_manifest
 from streams.broker import free_port, start_embedded_broker
-from streams.client import follow, play_audio, publish_enrollment, wait_for
+from streams.client import await_result, follow, play_audio, publish_enrollment
 from streams.database import migrate
 from streams.runtime import Publisher
 from streams.settings import REPO_ROOT, Settings
@@ -150,14 +150,7 @@ def test_sink_survives_a_postgres_server_stopped_for_30_s(settings, private_post
     assert set(rows) == set(expected)  # nothing missing; the primary key rules out duplicates
     with psycopg.connect(pg.url) as conn:
         assert conn.execute("SELECT count(*) FROM segments").fetchone()[0] == len(expected)
-    for key, record in expected.items():
-        assert rows[key][2:] == (
-            record["stream_id"],
-            record["end_s"],
-            record["is_final"],
-            record["score"],
-            record["name"],
-        ), key
+    assert_rows_match(rows, expected)
 
 
 def start_worker(
@@ -191,13 +184,7 @@ def gallery_size(metrics_port: int) -> float | None:
 
 def enroll(settings: Settings, speaker_id: str, files: list[Path]) -> dict:
     request_id = publish_enrollment(Publisher(settings), speaker_id, speaker_id, files)
-    return wait_for(
-        settings,
-        settings.topic("enrollment.results"),
-        "EnrollmentResult",
-        lambda r: r["request_id"] == request_id,
-        timeout_s=60,
-    )
+    return await_result(settings, "enrollment.results", request_id, 60)
 
 
 def named_in_stream(settings: Settings, stream_id: str, speaker_id: str, timeout_s: float) -> bool:
@@ -231,6 +218,8 @@ def test_worker_and_sink_survive_a_broker_restart(database_url, shared_data, tmp
         worker = start_worker(settings, database_url, metrics_port, log)
         assert wait_until(lambda: "worker ready" in log.read_text(), 90), log.read_text()[-3000:]
         assert enroll(settings, "ls-2033", [u.path for u in before[1:4]])["accepted"]
+        # The result can arrive before the worker's gallery table has read the voiceprint: wait for it.
+        assert wait_until(lambda: gallery_size(metrics_port) == 1, 30), log.read_text()[-3000:]
         play_audio(Publisher(settings), "before-restart", load_audio(before[0])[: 16000 * 6], realtime=False)
         assert named_in_stream(settings, "before-restart", "ls-2033", 60), log.read_text()[-3000:]
         assert wait_until(lambda: stored_segments(database_url, "before-restart") > 0, 30)
@@ -253,6 +242,7 @@ def test_worker_and_sink_survive_a_broker_restart(database_url, shared_data, tmp
         # The gallery topic is new and empty: the worker's gallery follows it, like a worker started now.
         assert wait_until(lambda: gallery_size(metrics_port) == 0, 60), log.read_text()[-3000:]
         assert enroll(settings, "ls-3080", [u.path for u in after[1:4]])["accepted"]
+        assert wait_until(lambda: gallery_size(metrics_port) == 1, 30), log.read_text()[-3000:]
         play_audio(Publisher(settings), "after-restart", load_audio(after[0])[: 16000 * 6], realtime=False)
         assert named_in_stream(settings, "after-restart", "ls-3080", 90), log.read_text()[-3000:]
         assert wait_until(lambda: stored_segments(database_url, "after-restart") > 0, 30), log.read_text()[

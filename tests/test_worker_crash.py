@@ -49,10 +49,9 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from gallery.voiceprint import Voiceprint
-from processors.audio import encode_pcm
 from processors.corpus import load_audio, load_manifest
 from processors.simulation import SimulationConfig, simulate
-from streams.client import follow, publish_voiceprints
+from streams.client import follow, pcm_chunk, publish_voiceprints
 from streams.database import scratch_database
 from streams.diarize import DiarizerStateStore
 from streams.runtime import Publisher
@@ -89,17 +88,13 @@ def _calls(shared_data: Path) -> tuple[list[Call], dict[str, list]]:
         size = int(CHUNK_S * SAMPLE_RATE)
         audio = conversation.audio
         chunks = [
-            {
-                "stream_id": stream_id,
-                "seq": seq,
-                "capture_ts_ms": ORIGIN_MS + seq * int(CHUNK_S * 1000),
-                "sample_rate": SAMPLE_RATE,
-                "channels": 1,
-                "encoding": "PCM_S16LE",
-                "payload": encode_pcm(audio[start : start + size], "PCM_S16LE"),
-                "end_of_stream": start + size >= len(audio),
-                "metadata": {},
-            }
+            pcm_chunk(
+                stream_id,
+                seq,
+                ORIGIN_MS + seq * int(CHUNK_S * 1000),
+                audio[start : start + size],
+                start + size >= len(audio),
+            )
             for seq, start in enumerate(range(0, len(audio), size))
         ]
         calls.append(Call(stream_id, chunks, list(conversation.speakers)))
