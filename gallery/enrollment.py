@@ -9,7 +9,7 @@ import numpy as np
 
 from gallery.voiceprint import Voiceprint
 from processors.embedding import Embedder
-from processors.vad import VadConfig, speech_regions
+from processors.vad import speech_only
 
 SAMPLE_RATE = 16000
 
@@ -68,7 +68,7 @@ def enroll(
         raise EnrollmentRejected(
             f"{total_s:.0f} s of audio is more than the {policy.max_total_s:.0f} s allowed"
         )
-    speech = [_speech_only(s) for s in samples]
+    speech = [speech_only(s, SAMPLE_RATE) for s in samples]
     speech_s = sum(len(s) for s in speech) / SAMPLE_RATE
     if speech_s < policy.min_speech_s:
         raise EnrollmentRejected(
@@ -109,12 +109,6 @@ def _check_one_voice(embeddings: np.ndarray, policy: EnrollmentPolicy) -> None:
             f"the sample seems to hold two voices ({share:.0%} of it sounds unlike the rest, similarity "
             f"{similarity:.2f} < {policy.max_split_similarity:.2f}); enroll one speaker per request"
         )
-
-
-def _speech_only(samples: np.ndarray) -> np.ndarray:
-    regions = speech_regions(samples, SAMPLE_RATE, VadConfig())
-    parts = [samples[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] for a, b in regions]
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def _check_levels(speech: np.ndarray, policy: EnrollmentPolicy) -> None:

@@ -262,6 +262,16 @@ def speech_regions(
     return regions_from_probabilities(probs, samples.size, sample_rate, config)
 
 
+def speech_only(
+    samples: np.ndarray, sample_rate: int = TARGET_RATE, config: VadConfig = VadConfig()
+) -> np.ndarray:
+    """The speech of a whole mono recording: its VAD regions joined (empty when there is none)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    regions = speech_regions(samples, sample_rate, config)
+    parts = [samples[int(a * sample_rate) : int(b * sample_rate)] for a, b in regions]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
 def speech_mask(
     probs: np.ndarray, num_samples: int, sample_rate: int = TARGET_RATE, config: VadConfig = VadConfig()
 ) -> np.ndarray:

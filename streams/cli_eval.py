@@ -399,15 +399,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from processors.audio import AudioDecodeError, decode_file
     from processors.evaluation import one_torch_thread
-    from streams.requests import speech_only
+    from streams.requests import speech_or_error
 
     settings = _settings()
     _apply_threads(settings)
     embedder = _load_embedder(settings, args.embedder)
     try:
         with one_torch_thread():
-            enrol = [speech_only(decode_file(Path(f))) for f in args.enroll]
-            test = speech_only(decode_file(Path(args.test)))
+            enrol = [speech_or_error(decode_file(Path(f))) for f in args.enroll]
+            test = speech_or_error(decode_file(Path(args.test)))
     except AudioDecodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

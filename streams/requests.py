@@ -14,7 +14,7 @@ from gallery.voiceprint import Voiceprint
 from processors.audio import AudioDecodeError, decode_file, decode_pcm
 from processors.embedding import Embedder
 from processors.scoring import Calibration
-from processors.vad import VadConfig, speech_regions
+from processors.vad import speech_only
 from streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms
 from streams.settings import Settings
 
@@ -165,7 +165,7 @@ class VerifyProcessor(Processor):
         try:
             if voiceprint is None:
                 raise LookupError(f"speaker {request['speaker_id']!r} is not enrolled")
-            audio = speech_only(sample_audio(request["sample"]))
+            audio = speech_or_error(sample_audio(request["sample"]))
             score = float(self.embedder.embed([audio])[0] @ voiceprint.embedding)
             result |= {
                 "score": round(score, 4),
@@ -178,10 +178,9 @@ class VerifyProcessor(Processor):
         return result
 
 
-def speech_only(samples: np.ndarray) -> np.ndarray:
-    """The speech of `samples` (VAD), or the samples themselves when VAD finds none."""
-    regions = speech_regions(samples, 16000, VadConfig())
-    parts = [samples[int(a * 16000) : int(b * 16000)] for a, b in regions]
-    if not parts:
+def speech_or_error(samples: np.ndarray) -> np.ndarray:
+    """The speech of a 16 kHz sample (VAD); AudioDecodeError when it holds none."""
+    speech = speech_only(samples)
+    if speech.size == 0:
         raise AudioDecodeError("no speech found in the sample")
-    return np.concatenate(parts)
+    return speech
