@@ -52,12 +52,12 @@ class EvalConfig:
 @dataclass(frozen=True)
 class MatcherVariant:
     name: str
-    exclusive: bool = True
-    relabel: bool = True
-    margin: float = 0.08  # the Matcher's defaults
+    exclusive: bool = Matcher.exclusive  # defaults: the Matcher's own
+    relabel: bool = Matcher.relabel
+    margin: float = Matcher.margin
     threshold: float = 0.0  # 0 = the calibration's
-    sure_offset: float = 0.08
-    consistency: float = 0.08
+    sure_offset: float = Matcher.sure_offset
+    consistency: float = Matcher.consistency
 
 
 DEFAULT_VARIANTS = (
