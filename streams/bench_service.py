@@ -16,7 +16,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -26,7 +25,7 @@ import numpy as np
 import psycopg
 
 from streams import database
-from streams.broker import free_port, start_embedded_broker
+from streams.broker import broker_for_run, free_port
 from streams.database import resolve_database_url
 from streams.metrics import Metrics
 from streams.runtime import Publisher, now_ms
@@ -44,22 +43,6 @@ def scratch_database(settings: Settings) -> Iterator[str]:
     finally:
         if embedded:
             embedded.stop()
-
-
-@contextmanager
-def bench_broker(settings: Settings, log_dir: Path) -> Iterator[Settings]:
-    """Settings with topics of their own, on a fresh embedded broker unless a cluster is configured."""
-    tag = uuid.uuid4().hex[:8]
-    settings = replace(settings, topic_prefix=f"bench{tag}", group_prefix=f"bench{tag}")
-    if not settings.embedded:
-        yield settings
-        return
-    log_dir.mkdir(parents=True, exist_ok=True)
-    broker = start_embedded_broker(log_path=log_dir / "broker.log")
-    try:
-        yield replace(settings, bootstrap_servers=broker.bootstrap_servers)
-    finally:
-        broker.stop()
 
 
 # --- sink ------------------------------------------------------------------------------------------
@@ -110,7 +93,7 @@ def run_sink_bench(
     streams = 50
     per_stream = max(segments // streams, 1)
     results = []
-    with bench_broker(settings, log_dir) as settings:
+    with broker_for_run(settings, log_dir) as settings:
         create_topics(settings)
         publisher = Publisher(settings)
         topic = settings.topic("segments.identified")
@@ -204,7 +187,7 @@ def run_identify_bench(settings: Settings, seconds: float, runs: int, log_dir: P
     from tqdm import tqdm
 
     data_dir = Path(settings.shared_data_dir)
-    with bench_broker(settings, log_dir) as settings, scratch_database(settings) as url:
+    with broker_for_run(settings, log_dir) as settings, scratch_database(settings) as url:
         create_topics(settings)
         port = free_port()
         env = settings.child_env(DATABASE_URL=url, SPEAKERFLOW_API_MAX_UPLOAD_MB="64")

@@ -15,7 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,5 +126,22 @@ def embedded_broker(**kwargs: object) -> Iterator[EmbeddedBroker]:
     broker = start_embedded_broker(**kwargs)  # type: ignore[arg-type]
     try:
         yield broker
+    finally:
+        broker.stop()
+
+
+@contextlib.contextmanager
+def broker_for_run(settings: Settings, log_dir: Path) -> Iterator[Settings]:
+    """Settings with topics and groups of their own, on a fresh embedded broker (logging to `log_dir`)
+    when the profile is `embedded`, else on the configured cluster."""
+    tag = uuid.uuid4().hex[:8]
+    settings = replace(settings, topic_prefix=f"run{tag}", group_prefix=f"run{tag}")
+    if not settings.embedded:
+        yield settings
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    broker = start_embedded_broker(log_path=log_dir / "broker.log")
+    try:
+        yield replace(settings, bootstrap_servers=broker.bootstrap_servers)
     finally:
         broker.stop()
