@@ -84,6 +84,18 @@ def table(database_url: str) -> dict[tuple[str, int], tuple]:
         return {(r[0], r[1]): r for r in rows}
 
 
+def assert_rows_match(rows: dict[tuple[str, int], tuple], expected: dict[tuple[str, int], dict]) -> None:
+    """Every stored row holds the values of the last record published for its (segment id, revision)."""
+    for key, record in expected.items():
+        assert rows[key][2:] == (
+            record["stream_id"],
+            record["end_s"],
+            record["is_final"],
+            record["score"],
+            record["name"],
+        ), key
+
+
 def wait_until(predicate, timeout_s: float, poll_s: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -115,14 +127,7 @@ def test_kill_9_mid_stream_then_restart_leaves_table_equal_to_topic(settings, da
     rows = table(database_url)
     assert 0 < written_before_restart < len(expected)  # the kill really happened mid-stream
     assert set(rows) == set(expected)
-    for key, record in expected.items():
-        assert rows[key][2:] == (
-            record["stream_id"],
-            record["end_s"],
-            record["is_final"],
-            record["score"],
-            record["name"],
-        ), key
+    assert_rows_match(rows, expected)
     with psycopg.connect(database_url) as conn:
         current = conn.execute("SELECT count(*) FROM current_segments WHERE stream_id = 's0'").fetchone()[0]
     assert current == SEGMENTS_PER_STREAM // 2  # revision 1 replaces the live labelling of the stream
