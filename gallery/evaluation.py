@@ -343,6 +343,27 @@ class EvalReport:
         return asdict(self)
 
 
+def pool_scores(reports: list[EvalReport]) -> list[dict]:
+    """Per variant and labelling, the time-weighted shares over several runs (speaker splits), as if
+    they were one evaluation: enrolled speech named right / wrongly / UNKNOWN, strangers' UNKNOWN."""
+    groups: dict[tuple[str, str], list[Scores]] = {}
+    for score in (score for report in reports for score in report.scores):
+        groups.setdefault((score.variant, score.labelling), []).append(score)
+    pooled = []
+    for (variant, labelling), runs in groups.items():
+        enrolled = sum(s.enrolled_speech_s for s in runs)
+        strangers = sum(s.stranger_speech_s for s in runs)
+        row: dict = {"variant": variant, "labelling": labelling, "runs": len(runs)}
+        row["enrolled_speech_s"], row["stranger_speech_s"] = round(enrolled, 1), round(strangers, 1)
+        for share in ("enrolled_correct", "enrolled_wrong_name", "enrolled_unknown"):
+            row[share] = _share(sum(getattr(s, share) * s.enrolled_speech_s for s in runs), enrolled)
+        row["stranger_unknown"] = _share(
+            sum(s.stranger_unknown * s.stranger_speech_s for s in runs), strangers
+        )
+        pooled.append(row)
+    return pooled
+
+
 def evaluate(
     manifest: str,
     embedder: Embedder,

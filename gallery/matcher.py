@@ -217,7 +217,9 @@ class Matcher:
         revision: int,
     ) -> _Segment:
         vector = np.asarray(embedding, np.float32)
-        count = max(int(window_count), 1)
+        # No windows (the second voice of an overlap, whose audio was embedded as the first's): no
+        # evidence of its own. Such a segment carries a zero embedding.
+        count = max(int(window_count), 0) if float(np.linalg.norm(vector)) > 0 else 0
         segment = stream.segments.get(segment_id)
         if segment is None:
             segment = _Segment(label, vector, count, None, False, revision, revision)
@@ -230,10 +232,14 @@ class Matcher:
 
     def _evidence(self, members: list[tuple[str, _Segment]], segment: _Segment) -> tuple[np.ndarray, int]:
         """`segment`'s embedding pooled with the segments of its label that sound like it (weighted
-        by windows), and how many windows that evidence rests on."""
+        by windows), and how many windows that evidence rests on. A segment without windows of its
+        own is whoever its label is: all of the label's evidence."""
         vectors = np.stack([m.embedding for _, m in members])
         weights = np.array([m.window_count for _, m in members], np.float32)
-        alike = vectors @ segment.embedding >= self.calibration.threshold + self.consistency
+        if segment.window_count == 0:
+            alike = weights > 0
+        else:
+            alike = vectors @ segment.embedding >= self.calibration.threshold + self.consistency
         total = weights[alike] @ vectors[alike] if alike.any() else segment.embedding * segment.window_count
         windows = int(weights[alike].sum()) if alike.any() else segment.window_count
         return total / max(float(np.linalg.norm(total)), 1e-12), windows

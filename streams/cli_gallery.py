@@ -542,7 +542,7 @@ def cmd_eval_gallery(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from gallery.evaluation import DEFAULT_VARIANTS, EvalConfig, evaluate
+    from gallery.evaluation import DEFAULT_VARIANTS, EvalConfig, evaluate, pool_scores
     from processors.embedding import load_embedder
     from processors.scoring import default_calibration
 
@@ -554,29 +554,59 @@ def cmd_eval_gallery(args: argparse.Namespace) -> int:
         args.embedder or settings.embedder, settings.device, settings.embedding_model_path
     )
     calibration = default_calibration(embedder.model_id, args.threshold or settings.match_threshold)
-    config = EvalConfig(stranger_share=args.strangers, min_enroll_speech_s=args.min_enroll_s, seed=args.seed)
-    bar = tqdm(desc="conversations", unit="conv", file=sys.stderr)
+    try:
+        seeds = [int(part) for part in str(args.seed).split(",") if part.strip()]
+    except ValueError:
+        print(f"error: --seed wants integers separated by commas, got {args.seed!r}", file=sys.stderr)
+        return 2
+    reports = []
+    for seed in seeds:
+        config = EvalConfig(stranger_share=args.strangers, min_enroll_speech_s=args.min_enroll_s, seed=seed)
+        bar = tqdm(desc=f"conversations (seed {seed})", unit="conv", file=sys.stderr)
 
-    def on_conversation(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        def on_conversation(done: int, total: int, bar=bar) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    report = evaluate(
-        args.manifest,
-        embedder,
-        calibration,
-        config,
-        DEFAULT_VARIANTS,
-        revision=not args.no_revision,
-        progress=lambda msg: print(msg, file=sys.stderr),
-        conversation_progress=on_conversation,
-    )
-    bar.close()
-    _print_eval(report)
+        report = evaluate(
+            args.manifest,
+            embedder,
+            calibration,
+            config,
+            DEFAULT_VARIANTS,
+            revision=not args.no_revision,
+            progress=lambda msg: print(msg, file=sys.stderr),
+            conversation_progress=on_conversation,
+        )
+        bar.close()
+        print(f"\n== seed {seed}")
+        _print_eval(report)
+        reports.append(report)
+    pooled = pool_scores(reports) if len(reports) > 1 else []
+    if pooled:
+        _print_pooled(seeds, pooled)
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+        document = (
+            reports[0].to_json()
+            if len(reports) == 1
+            else {"seeds": seeds, "reports": [r.to_json() for r in reports], "pooled": pooled}
+        )
+        Path(args.json).write_text(json.dumps(document, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _print_pooled(seeds: list[int], pooled: list[dict]) -> None:
+    print(f"\n== pooled over seeds {', '.join(map(str, seeds))} (time-weighted)")
+    print(
+        f"{'matcher':<26} {'labels':<9} {'enrolled ok':>11} {'wrong name':>10} {'UNKNOWN':>8} "
+        f"{'stranger UNK':>12}"
+    )
+    for p in pooled:
+        print(
+            f"{p['variant']:<26} {p['labelling']:<9} {p['enrolled_correct']:>11.2%} "
+            f"{p['enrolled_wrong_name']:>10.2%} {p['enrolled_unknown']:>8.2%} {p['stranger_unknown']:>12.2%}"
+        )
 
 
 def _print_eval(report) -> None:
@@ -690,6 +720,10 @@ def _register_eval(esub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--threads", type=int, default=0, help="torch threads (default: SPEAKERFLOW_TORCH_THREADS or 1)"
     )
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--seed",
+        default="0",
+        help="speaker split seed; several (e.g. 1,2,3,4) run one evaluation each and add a pooled table",
+    )
     q.add_argument("--json", default="")
     q.set_defaults(func=cmd_eval_gallery)

@@ -206,3 +206,20 @@ def test_end_stream_forgets_evidence(basis):
     assert matcher.streams() == ["s"]
     matcher.end_stream("s")
     assert matcher.streams() == [] and matcher.identities("s") == {}
+
+
+def test_a_segment_without_windows_is_whoever_its_label_is(basis):
+    """The end-of-stream pass gives overlapped speech a second voice with no windows of its own (zero
+    embedding, window_count 0): it is named as its label, not scored as a zero vector."""
+    gallery = _gallery(basis, {"alice": 0, "bob": 1})
+    matcher = _matcher(gallery)
+    matcher.observe("s", "s:0", "SPEAKER_00", _at(basis[0], basis[5], 0.9), 12, is_final=True, revision=1)
+    matcher.observe("s", "s:1", "SPEAKER_01", _at(basis[1], basis[6], 0.9), 12, is_final=True, revision=1)
+    overlap = matcher.observe(
+        "s", "s:2", "SPEAKER_00", np.zeros(DIM, np.float32), 0, is_final=True, revision=1
+    )
+    assert overlap[0].identification.speaker_id == "alice"
+    assert matcher.identities("s")["SPEAKER_01"].speaker_id == "bob"
+    # A label heard only in overlaps has no evidence at all: UNKNOWN.
+    alone = matcher.observe("s", "s:3", "SPEAKER_02", np.zeros(DIM, np.float32), 0, is_final=True, revision=1)
+    assert alone[0].identification.speaker_id is None
