@@ -217,9 +217,9 @@ class Matcher:
         revision: int,
     ) -> _Segment:
         vector = np.asarray(embedding, np.float32)
-        # No windows (the second voice of an overlap, whose audio was embedded as the first's): no
-        # evidence of its own. Such a segment carries a zero embedding.
-        count = max(int(window_count), 0) if float(np.linalg.norm(vector)) > 0 else 0
+        # A zero embedding is no evidence (window_count 0: the second voice of an overlap, whose
+        # audio was embedded as the first voice's); any other embedding counts as at least a window.
+        count = max(int(window_count), 1) if float(np.linalg.norm(vector)) > 0 else 0
         segment = stream.segments.get(segment_id)
         if segment is None:
             segment = _Segment(label, vector, count, None, False, revision, revision)

@@ -115,6 +115,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         yield
         janitor.cancel()
         gw.hub.stopping.set()
+        await asyncio.to_thread(gw.publisher.close)
 
     app = FastAPI(
         title="speakerflow",

@@ -50,6 +50,7 @@ class Publisher:
         self.settings = settings
         self._producer = Producer(settings.producer_config())
         self._errors: list[str] = []
+        self._closed = False
 
     def publish(self, topic: str, key: str | bytes | None, record_name: str, record: dict | None) -> None:
         """Produce `record` (None = tombstone) to the full topic name `topic`."""
@@ -80,6 +81,22 @@ class Publisher:
         if self._errors:
             errors, self._errors = self._errors, []
             raise KafkaException(f"delivery failed: {errors[:3]}")
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Deliver what is queued (for up to `timeout_s`), then release the broker connections.
+
+        Records still queued then are dropped with a warning: they belong to input whose offsets were
+        not committed, so they are produced again after a restart."""
+        if self._closed:
+            return
+        self._closed = True
+        undelivered = self._producer.flush(timeout_s)
+        if undelivered:
+            log.warning(
+                "closing the producer with %d records not delivered in %.0f s", undelivered, timeout_s
+            )
+            self._producer.purge()  # close() would otherwise wait out message.timeout.ms for them
+        self._producer.close()
 
     def dead_letter(self, msg: Message, processor: str, error: BaseException) -> None:
         value = msg.value() or b""

@@ -133,5 +133,5 @@ class Worker:
                 thread.join(timeout=15)
         if self.embedder is not None:
             self.embedder.close(timeout=15)
-        self.publisher.flush()
+        self.publisher.close()
         log.info("worker stopped; counters: %s", dict(self.metrics.counters))
