@@ -6,10 +6,7 @@ processes they started, and assert behaviour, not timings.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -17,14 +14,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from test_sink import assert_rows_match, segment, start_sink, table, wait_until
+from processes import start_worker, stop_process, wait_until
+from test_sink import assert_rows_match, segment, start_sink, table
 
 from processors.corpus import by_speaker, load_audio, load_manifest
 from streams.broker import free_port, start_embedded_broker
 from streams.client import await_result, follow, play_audio, publish_enrollment
 from streams.database import migrate
 from streams.runtime import Publisher
-from streams.settings import REPO_ROOT, Settings
+from streams.settings import Settings
 from streams.topics import TOPIC_SPECS, create_topics
 
 pytestmark = pytest.mark.integration
@@ -105,17 +103,6 @@ def publish_final_segments(settings: Settings, streams: range) -> dict[tuple[str
     return published
 
 
-def stop_process(process: subprocess.Popen) -> int:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    return process.returncode
-
-
 @pytest.mark.timeout(170)
 def test_sink_survives_a_postgres_server_stopped_for_30_s(settings, private_postgres, tmp_path):
     """The PostgreSQL server is shut down while segments keep arriving, stays down, then starts again on
@@ -151,24 +138,6 @@ def test_sink_survives_a_postgres_server_stopped_for_30_s(settings, private_post
     with psycopg.connect(pg.url) as conn:
         assert conn.execute("SELECT count(*) FROM segments").fetchone()[0] == len(expected)
     assert_rows_match(rows, expected)
-
-
-def start_worker(
-    settings: Settings, database_url: str, metrics_port: int, log_path: Path
-) -> subprocess.Popen:
-    env = os.environ | {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "SPEAKERFLOW_BROKER_PROFILE": "embedded",
-        "SPEAKERFLOW_TOPIC_PREFIX": settings.topic_prefix,
-        "SPEAKERFLOW_GROUP_PREFIX": settings.group_prefix,
-        "SPEAKERFLOW_PARTITIONS": str(settings.partitions),
-        "SPEAKERFLOW_DATA_DIR": settings.data_dir,
-        "SPEAKERFLOW_METRICS_PORT": str(metrics_port),
-        "DATABASE_URL": database_url,
-    }
-    command = [sys.executable, "-m", "streams.cli", "worker", "--roles", "diarize,match,enroll,sink"]
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def gallery_size(metrics_port: int) -> float | None:
@@ -215,7 +184,13 @@ def test_worker_and_sink_survive_a_broker_restart(database_url, shared_data, tmp
     log = tmp_path / "worker.log"
     worker = None
     try:
-        worker = start_worker(settings, database_url, metrics_port, log)
+        worker = start_worker(
+            settings,
+            "diarize,match,enroll,sink",
+            log,
+            DATABASE_URL=database_url,
+            SPEAKERFLOW_METRICS_PORT=str(metrics_port),
+        )
         assert wait_until(lambda: "worker ready" in log.read_text(), 90), log.read_text()[-3000:]
         assert enroll(settings, "ls-2033", [u.path for u in before[1:4]])["accepted"]
         # The result can arrive before the worker's gallery table has read the voiceprint: wait for it.

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import psycopg
 import pytest
+from processes import start_worker, wait_until
 
 from streams.database import migrate
 from streams.runtime import Publisher
-from streams.settings import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -62,18 +60,8 @@ def publish_segments(settings) -> dict[tuple[str, int], dict]:
 
 
 def start_sink(settings, database_url: str, log_path) -> subprocess.Popen:
-    env = os.environ | {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "SPEAKERFLOW_BROKER_PROFILE": "embedded",
-        "SPEAKERFLOW_TOPIC_PREFIX": settings.topic_prefix,
-        "SPEAKERFLOW_GROUP_PREFIX": settings.group_prefix,
-        "SPEAKERFLOW_PARTITIONS": str(settings.partitions),
-        "DATABASE_URL": database_url,
-        "SPEAKERFLOW_SINK_BATCH": "5",  # hundreds of small transactions, so a kill lands between them
-    }
-    command = [sys.executable, "-m", "streams.cli", "worker", "--roles", "sink"]
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    # Batches of 5: hundreds of small transactions, so a kill lands between them.
+    return start_worker(settings, "sink", log_path, DATABASE_URL=database_url, SPEAKERFLOW_SINK_BATCH="5")
 
 
 def table(database_url: str) -> dict[tuple[str, int], tuple]:
@@ -94,15 +82,6 @@ def assert_rows_match(rows: dict[tuple[str, int], tuple], expected: dict[tuple[s
             record["score"],
             record["name"],
         ), key
-
-
-def wait_until(predicate, timeout_s: float, poll_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return False
 
 
 def test_kill_9_mid_stream_then_restart_leaves_table_equal_to_topic(settings, database_url, tmp_path):

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,6 +45,7 @@ import numpy as np
 import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from processes import start_worker, stop_process, wait_until
 
 from gallery.voiceprint import Voiceprint
 from processors.corpus import load_audio, load_manifest
@@ -55,7 +54,7 @@ from streams.client import follow, pcm_chunk, publish_voiceprints
 from streams.database import scratch_database
 from streams.diarize import DiarizerStateStore
 from streams.runtime import Publisher
-from streams.settings import REPO_ROOT, Settings
+from streams.settings import Settings
 from streams.topics import create_topics
 
 pytestmark = pytest.mark.integration
@@ -138,42 +137,23 @@ class Workers:
         self.procs: list[tuple[subprocess.Popen, Path]] = []
 
     def start(self, settings: Settings, database_url: str, name: str) -> tuple[subprocess.Popen, Path]:
-        env = settings.child_env(
+        log_path = self.tmp_path / f"{name}.log"
+        proc = start_worker(
+            settings,
+            "diarize,match,sink",
+            log_path,
             DATABASE_URL=database_url,
             SPEAKERFLOW_STATE_EVERY_S=str(STATE_EVERY_S),
             # Idle ending is wall-clock driven: under CPU contention it could end a call early in one
             # run and not the other. Every call here ends with its end-of-stream chunk.
             SPEAKERFLOW_IDLE_TIMEOUT_S="600",
         )
-        log_path = self.tmp_path / f"{name}.log"
-        command = [sys.executable, "-m", "streams.cli", "worker", "--roles", "diarize,match,sink"]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append((proc, log_path))
         return proc, log_path
 
-    @staticmethod
-    def stop(proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
     def close(self) -> None:
         for proc, _ in self.procs:
-            self.stop(proc)
-
-
-def _wait_until(predicate, timeout_s: float, poll_s: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return predicate()
+            stop_process(proc)
 
 
 def _ended(settings: Settings, stream_ids: list[str], timeout_s: float) -> dict[str, dict]:
@@ -271,7 +251,7 @@ def _finish(settings: Settings, calls: list[Call], timeout_s: float) -> dict[str
     ended = _ended(settings, [c.stream_id for c in calls], timeout_s)
     assert sorted(ended) == sorted(c.stream_id for c in calls), ended
     assert all(e["revision"] == 1 and e["segments"] > 0 for e in ended.values()), ended
-    assert _wait_until(lambda: _drained(settings), 60), "stages did not catch up"
+    assert wait_until(lambda: _drained(settings), 60, poll_s=0.5), "stages did not catch up"
     return ended
 
 
@@ -305,7 +285,7 @@ def test_kill_9_mid_streams_then_takeover_matches_undisturbed_run(
             worker, log_a = workers.start(undisturbed, db_a, "undisturbed")
             _publish(undisturbed, calls, {s: 0 for s in ids}, {c.stream_id: len(c.chunks) for c in calls})
             ended_a = _finish(undisturbed, calls, 120)
-            Workers.stop(worker)
+            stop_process(worker)
             assert not any(_snapshot(undisturbed, s) for s in ids)  # an ended stream leaves no state
 
             # -- crash run: worker 1 gets the first half of every call but the young one --------
@@ -313,13 +293,14 @@ def test_kill_9_mid_streams_then_takeover_matches_undisturbed_run(
             old, young = ids[:-1], ids[-1]
             sent = {c.stream_id: len(c.chunks) // 2 for c in calls} | {young: 0}
             _publish(crashed, calls, {s: 0 for s in ids}, sent)
-            progressed = _wait_until(
+            progressed = wait_until(
                 lambda: (
                     _drained(crashed, ("diarize",))
                     and all(_rows_per_stream(db_b).get(s, 0) > 0 for s in old)
                     and all(_snapshot(crashed, s) for s in old)
                 ),
                 120,
+                poll_s=0.5,
             )
             assert progressed, _log_tail(log_1)
             # ...then a little more of every call: worker 1 processes and commits it but takes no
@@ -331,7 +312,7 @@ def test_kill_9_mid_streams_then_takeover_matches_undisturbed_run(
                 more[s] = sent[s] + max(int(STATE_EVERY_S / CHUNK_S) - 2 - lag, 0)
             _publish(crashed, calls, sent, more)
             sent = more
-            assert _wait_until(lambda: _drained(crashed, ("diarize",)), 60), _log_tail(log_1)
+            assert wait_until(lambda: _drained(crashed, ("diarize",)), 60, poll_s=0.5), _log_tail(log_1)
             for s in old:
                 assert _snapshot(crashed, s)["next_seq"] < sent[s], s
             worker_1.send_signal(signal.SIGKILL)  # no rebalance, no hand-over snapshot
@@ -344,7 +325,7 @@ def test_kill_9_mid_streams_then_takeover_matches_undisturbed_run(
             _publish(crashed, calls, sent, {c.stream_id: len(c.chunks) for c in calls})
             worker_2, log_2 = workers.start(crashed, db_b, "worker-2")
             ended_b = _finish(crashed, calls, 120)
-            Workers.stop(worker_2)
+            stop_process(worker_2)
         finally:
             workers.close()
 
