@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gallery.voiceprint import Voiceprint
-from processors.embedding import Embedder
-from processors.vad import speech_only
+from speakerflow.gallery.voiceprint import Voiceprint
+from speakerflow.processors.embedding import Embedder
+from speakerflow.processors.vad import speech_only
 
 SAMPLE_RATE = 16000
 

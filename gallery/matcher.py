@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from gallery.index import VectorIndex, make_index
-from gallery.voiceprint import Voiceprint
-from processors.scoring import Calibration
+from speakerflow.gallery.index import VectorIndex, make_index
+from speakerflow.gallery.voiceprint import Voiceprint
+from speakerflow.processors.scoring import Calibration
 
 UNKNOWN = "UNKNOWN"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gallery.voiceprint import Voiceprint
+from speakerflow.gallery.voiceprint import Voiceprint
 
 FORMATS = ("jsonl", "npz")
 

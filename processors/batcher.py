@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from processors.embedding import Embedder
+from speakerflow.processors.embedding import Embedder
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from processors.clustering import OnlineClustering
-from processors.offline_clustering import OfflineConfig, align_to, recluster, second_labels
-from processors.vad import SpeechEvent, StreamingVad, VadConfig
+from speakerflow.processors.clustering import OnlineClustering
+from speakerflow.processors.offline_clustering import OfflineConfig, align_to, recluster, second_labels
+from speakerflow.processors.vad import SpeechEvent, StreamingVad, VadConfig
 
 SNAPSHOT_FORMAT = 1
 

@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from processors.audio import TARGET_RATE, resample
+from speakerflow.processors.audio import TARGET_RATE, resample
 
 # silero_vad.model calls torch.set_num_threads(1) at import time; thread policy belongs to callers.
 _threads = torch.get_num_threads()

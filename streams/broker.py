@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from streams.settings import Settings
+from speakerflow.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

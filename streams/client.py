@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import Consumer
 
-from processors.audio import decode_file, encode_pcm
-from schemas import codec
-from streams.runtime import Publisher, consume_available, now_ms
-from streams.settings import Settings
+from speakerflow.processors.audio import decode_file, encode_pcm
+from speakerflow.schemas import codec
+from speakerflow.streams.runtime import Publisher, consume_available, now_ms
+from speakerflow.streams.settings import Settings
 
 SAMPLE_RATE = 16000
 
@@ -203,7 +203,7 @@ def read_gallery_snapshot(settings: Settings, timeout_s: float = 30.0) -> dict:
     """
     from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-    from gallery.voiceprint import Voiceprint
+    from speakerflow.gallery.voiceprint import Voiceprint
 
     topic = settings.topic("gallery")
     consumer = Consumer(settings.consumer_config(None))

@@ -47,7 +47,7 @@ def resolve_database_url(database_url: str, data_dir: str) -> tuple[str, Embedde
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) of every migration shipped in streams/migrations, in order."""
     found = []
-    for entry in resources.files("streams.migrations").iterdir():
+    for entry in resources.files("speakerflow.streams.migrations").iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append((int(match.group(1)), match.group(2), entry.read_text()))

@@ -10,17 +10,17 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import psycopg
 
-from streams.broker import start_embedded_broker
-from streams.client import await_result, follow, play_audio, publish_enrollment
-from streams.database import migrate, resolve_database_url
-from streams.runtime import Publisher
-from streams.scenario import librispeech_scenario
-from streams.settings import Settings
-from streams.topics import create_topics
+from speakerflow.streams.broker import start_embedded_broker
+from speakerflow.streams.client import await_result, follow, play_audio, publish_enrollment
+from speakerflow.streams.database import migrate, resolve_database_url
+from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.settings import Settings
+from speakerflow.streams.topics import create_topics
 
 COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
@@ -38,10 +38,19 @@ def format_segment(seg: dict, colour: bool = True) -> str:
     )
 
 
-def run_demo(settings: Settings, realtime: bool = True, turns: int = 10) -> int:
-    data_dir = Path(settings.shared_data_dir)
-    print(f"speakerflow demo — speech from {data_dir}")
-    scenario = librispeech_scenario(data_dir, turns=turns)
+class Conversation(Protocol):
+    """A call to play: who to enroll first, the audio and its reference turns (the CLI builds one from
+    the shared corpus with speakerflow.evaluation.scenario)."""
+
+    enrollments: dict[str, list[Path]]
+    audio: np.ndarray
+    reference: list
+
+    @property
+    def duration_s(self) -> float: ...
+
+
+def run_demo(settings: Settings, scenario: Conversation, realtime: bool = True) -> int:
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     broker = start_embedded_broker(log_path=data / "broker.log")
@@ -96,7 +105,10 @@ def _start_worker(settings: Settings, database_url: str, log_path: Path) -> subp
     }
     log = open(log_path, "w")  # noqa: SIM115 - owned by the child process
     return subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "speakerflow.streams.cli", "worker"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 

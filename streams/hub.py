@@ -17,9 +17,9 @@ from contextlib import contextmanager
 
 from confluent_kafka import Consumer
 
-from schemas import codec
-from streams.runtime import consume_available
-from streams.settings import Settings
+from speakerflow.schemas import codec
+from speakerflow.streams.runtime import consume_available
+from speakerflow.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from schemas import codec
-from streams.metrics import Metrics
-from streams.settings import Settings
+from speakerflow.schemas import codec
+from speakerflow.streams.metrics import Metrics
+from speakerflow.streams.settings import Settings
 
 __all__ = ["Metrics", "Processor", "ProcessorThread", "Publisher"]
 

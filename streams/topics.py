@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.settings import Settings
+from speakerflow.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,17 @@ import time
 
 import torch
 
-from processors.batcher import EmbeddingBatcher
-from processors.embedding import Embedder, load_embedder
-from processors.scoring import default_calibration
-from streams.diarize import DiarizeProcessor
-from streams.gallery_table import GalleryTable
-from streams.match import MatchProcessor, build_gallery_and_matcher
-from streams.requests import EnrollProcessor, VerifyProcessor
-from streams.runtime import Metrics, ProcessorThread, Publisher, run_until
-from streams.settings import Settings
-from streams.sink import PostgresSink
-from streams.topics import create_topics
+from speakerflow.processors.batcher import EmbeddingBatcher
+from speakerflow.processors.embedding import Embedder, load_embedder
+from speakerflow.processors.scoring import default_calibration
+from speakerflow.streams.runtime import Metrics, ProcessorThread, Publisher, run_until
+from speakerflow.streams.settings import Settings
+from speakerflow.streams.stages.diarize import DiarizeProcessor
+from speakerflow.streams.stages.gallery_table import GalleryTable
+from speakerflow.streams.stages.match import MatchProcessor, build_gallery_and_matcher
+from speakerflow.streams.stages.requests import EnrollProcessor, VerifyProcessor
+from speakerflow.streams.stages.sink import PostgresSink
+from speakerflow.streams.topics import create_topics
 
 log = logging.getLogger(__name__)
 

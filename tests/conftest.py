@@ -9,9 +9,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from streams.broker import EmbeddedBroker, start_embedded_broker
-from streams.database import scratch_database
-from streams.settings import REPO_ROOT, Settings
+from speakerflow.streams.broker import EmbeddedBroker, start_embedded_broker
+from speakerflow.streams.database import scratch_database
+from speakerflow.streams.settings import REPO_ROOT, Settings
 
 SHARED_DATA = Path(os.environ.get("SPEAKERFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 # A server to create test databases on; without one, an embedded PostgreSQL is started.
@@ -50,7 +50,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     except psycopg.OperationalError:
         pass
-    from streams.database import EmbeddedPostgres
+    from speakerflow.streams.database import EmbeddedPostgres
 
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
     yield server.url
@@ -66,6 +66,6 @@ def database_url(pg_server: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ge2e():
-    from processors.embedding import Ge2eEmbedder
+    from speakerflow.processors.embedding import Ge2eEmbedder
 
     return Ge2eEmbedder("cpu")

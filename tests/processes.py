@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from streams.settings import REPO_ROOT, Settings
+from speakerflow.streams.settings import REPO_ROOT, Settings
 
 
 def start_worker(settings: Settings, roles: str, log_path: Path, **env: str) -> subprocess.Popen:
     """`speakerflow worker --roles ROLES` in a child process sharing `settings`, plus `env`; its
     output is appended to `log_path`."""
-    command = [sys.executable, "-m", "streams.cli", "worker", "--roles", roles]
+    command = [sys.executable, "-m", "speakerflow.streams.cli", "worker", "--roles", roles]
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             command, env=settings.child_env(**env), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT

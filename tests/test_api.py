@@ -16,13 +16,13 @@ import soundfile as sf
 import uvicorn
 import websockets
 
-from processors.audio import encode_pcm
-from processors.corpus import by_speaker, load_manifest
-from streams.api import create_app
-from streams.broker import free_port
-from streams.database import scratch_database
-from streams.scenario import librispeech_scenario
-from streams.worker import Worker
+from speakerflow.evaluation.corpus import by_speaker, load_manifest
+from speakerflow.evaluation.scenario import librispeech_scenario
+from speakerflow.processors.audio import encode_pcm
+from speakerflow.streams.api import create_app
+from speakerflow.streams.broker import free_port
+from speakerflow.streams.database import scratch_database
+from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -209,7 +209,7 @@ def test_websocket_pcm_and_twilio_streams_get_segments_back(stack):
     async def twilio_call() -> list[dict]:
         import base64
 
-        from processors.audio import resample
+        from speakerflow.processors.audio import resample
 
         mulaw = encode_pcm(resample(audio, 16000, 8000), "MULAW")
         uri = f"ws://127.0.0.1:{port}/streams/ws-twilio?api_key=secret-key&linger_s=8"
@@ -243,7 +243,7 @@ def test_websocket_pcm_and_twilio_streams_get_segments_back(stack):
 def test_exported_clips_expire_after_the_retention(tmp_path):
     import os
 
-    from streams.api import remove_expired_exports
+    from speakerflow.streams.api import remove_expired_exports
 
     old, fresh = tmp_path / "identify-old", tmp_path / "identify-new"
     for job in (old, fresh):

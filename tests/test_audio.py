@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from processors.audio import (
+from speakerflow.processors.audio import (
     SUPPORTED_ENCODINGS,
     TARGET_RATE,
     AudioDecodeError,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from processors.audio import encode_pcm
-from processors.corpus import by_speaker, load_audio, load_manifest
-from schemas import codec
-from streams.client import await_result, file_sample, follow, play_audio, publish_enrollment
-from streams.runtime import Publisher, now_ms
-from streams.worker import Worker
+from speakerflow.evaluation.corpus import by_speaker, load_audio, load_manifest
+from speakerflow.processors.audio import encode_pcm
+from speakerflow.schemas import codec
+from speakerflow.streams.client import await_result, file_sample, follow, play_audio, publish_enrollment
+from speakerflow.streams.runtime import Publisher, now_ms
+from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from processors.audio import decode_file
-from processors.batcher import BatcherClosed, EmbeddingBatcher
+from speakerflow.processors.audio import decode_file
+from speakerflow.processors.batcher import BatcherClosed, EmbeddingBatcher
 
 
 @pytest.fixture(scope="module")

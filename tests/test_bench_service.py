@@ -7,7 +7,7 @@ from dataclasses import replace
 import psycopg
 import pytest
 
-from streams.bench_service import run_sink_bench, scratch_database
+from speakerflow.evaluation.service_bench import run_sink_bench, scratch_database
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from processors.scoring import load_calibration
-from streams.cli import main
+from speakerflow.processors.scoring import load_calibration
+from speakerflow.streams.cli import main
 
 # Short files, so that decoding and VAD stay fast: two speakers with several utterances, two speakers
 # with one (split in halves), and two sub-second FSDD digits.

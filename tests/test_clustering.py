@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from processors.clustering import OnlineClustering
-from processors.offline_clustering import (
+from speakerflow.processors.clustering import OnlineClustering
+from speakerflow.processors.offline_clustering import (
     OfflineConfig,
     align_to,
     fold_small,

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.settings import Settings
+from speakerflow.streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # anchors and `<<` merges resolved
@@ -80,7 +80,7 @@ def environment(service: str) -> dict[str, str]:
 def expected_topics() -> dict[str, dict[str, str]]:
     """Topic name (without prefix) -> configs it must be created with."""
     try:
-        from streams.topics import TOPIC_SPECS
+        from speakerflow.streams.topics import TOPIC_SPECS
     except ImportError:
         # streams.topics (or confluent_kafka) is not importable: the list from the design instead.
         return {
@@ -412,14 +412,21 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
     return ignored
 
 
+def _package_folder(package: str, package_dir: dict[str, str]) -> str:
+    """The folder of `package` under pyproject's package-dir mapping (a.b.c -> folder_of_a_b/c)."""
+    root = max((name for name in package_dir if package == name or package.startswith(name + ".")), key=len)
+    return "/".join([package_dir[root], *package[len(root) + 1 :].split(".")]).rstrip("/")
+
+
 def test_dockerignore_keeps_what_the_build_needs() -> None:
     patterns = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    needed = ["pyproject.toml", "requirements.lock", *(f"{p}/__init__.py" for p in packages)]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    needed = ["pyproject.toml", "requirements.lock"]
+    needed += [f"{_package_folder(p, setuptools['package-dir'])}/__init__.py" for p in setuptools["packages"]]
     needed += [str(p.relative_to(ROOT)) for p in (ROOT / "streams" / "migrations").glob("*.sql")]
     for path in needed:
         assert not _dockerignored(path, patterns), path

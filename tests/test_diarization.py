@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from processors.corpus import load_manifest
-from processors.diarization import DiarizerConfig, StreamDiarizer
-from processors.diarization_eval import Scorer, annotation, final_live, run_stream
-from processors.simulation import SimulationConfig, simulate
-from streams.diarize import DiarizeProcessor
-from streams.runtime import Metrics
-from streams.settings import Settings
+from speakerflow.evaluation.corpus import load_manifest
+from speakerflow.evaluation.diarization import Scorer, annotation, final_live, run_stream
+from speakerflow.evaluation.simulation import SimulationConfig, simulate
+from speakerflow.processors.diarization import DiarizerConfig, StreamDiarizer
+from speakerflow.streams.runtime import Metrics
+from speakerflow.streams.settings import Settings
+from speakerflow.streams.stages.diarize import DiarizeProcessor
 
 CHUNK = 8000  # 0.5 s
 
@@ -136,7 +136,7 @@ def test_chunks_are_reordered_deduplicated_and_gaps_reported(ge2e) -> None:
     assert _order(processor, [0, 2, 1, 1, 3, 0, 5, 4]) == [0, 1, 2, 3, 4, 5]
     assert metrics.counters["chunks.duplicate"] == 2
     # A chunk that never comes: after REORDER_LIMIT held chunks the stream moves on and says so.
-    from streams.diarize import REORDER_LIMIT
+    from speakerflow.streams.stages.diarize import REORDER_LIMIT
 
     later = list(range(7, 7 + REORDER_LIMIT + 1))  # 6 is lost
     assert _order(processor, later) == later

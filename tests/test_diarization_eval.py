@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pyannote.core import Segment, Timeline
 
-from processors.diarization_eval import Emission, Scorer, annotation, final_live, live_at_latency
+from speakerflow.evaluation.diarization import Emission, Scorer, annotation, final_live, live_at_latency
 
 
 def test_der_of_a_known_case() -> None:

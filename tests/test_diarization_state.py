@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer
 
-from processors.corpus import load_manifest
-from processors.simulation import SimulationConfig, simulate
-from schemas import codec
-from streams.client import play_audio
-from streams.diarize import DiarizeProcessor
-from streams.runtime import Metrics, Publisher
-from streams.topics import create_topics
+from speakerflow.evaluation.corpus import load_manifest
+from speakerflow.evaluation.simulation import SimulationConfig, simulate
+from speakerflow.schemas import codec
+from speakerflow.streams.client import play_audio
+from speakerflow.streams.runtime import Metrics, Publisher
+from speakerflow.streams.stages.diarize import DiarizeProcessor
+from speakerflow.streams.topics import create_topics
 
 pytestmark = pytest.mark.integration
 BATCH = 8

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from processors.audio import decode_file
-from processors.ecapa_checkpoint import build_random_ecapa_checkpoint
-from processors.embedding import (
+from speakerflow.evaluation.ecapa_checkpoint import build_random_ecapa_checkpoint
+from speakerflow.processors.audio import decode_file
+from speakerflow.processors.embedding import (
     ECAPA_HUB_ID,
     EcapaEmbedder,
     EmbedderUnavailable,
@@ -23,7 +23,7 @@ from processors.embedding import (
     load_embedder,
     resolve_precision,
 )
-from streams.settings import REPO_ROOT
+from speakerflow.streams.settings import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,15 @@ def test_hub_id_without_internet_names_both_remedies(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(_hub_reachable(), reason="huggingface.co is reachable: this would download the model")
 def test_models_download_fails_clearly_offline(tmp_path: Path) -> None:
-    cli = [sys.executable, "-m", "streams.cli", "models", "download", "--target", str(tmp_path / "ecapa")]
+    cli = [
+        sys.executable,
+        "-m",
+        "speakerflow.streams.cli",
+        "models",
+        "download",
+        "--target",
+        str(tmp_path / "ecapa"),
+    ]
     done = subprocess.run(cli, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "EMBEDDING_MODEL_PATH" in done.stderr and "huggingface.co" in done.stderr

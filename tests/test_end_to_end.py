@@ -10,10 +10,10 @@ import time
 import psycopg
 import pytest
 
-from streams.client import await_result, follow, play_audio, publish_enrollment, wait_for
-from streams.runtime import Publisher
-from streams.scenario import STRANGER, librispeech_scenario
-from streams.worker import Worker
+from speakerflow.evaluation.scenario import STRANGER, librispeech_scenario
+from speakerflow.streams.client import await_result, follow, play_audio, publish_enrollment, wait_for
+from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
 

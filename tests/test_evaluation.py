@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from processors.corpus import Utterance
-from processors.evaluation import (
+from speakerflow.evaluation.corpus import Utterance
+from speakerflow.evaluation.verification import (
     Item,
     build_items,
     build_trials,
@@ -28,7 +28,7 @@ from processors.evaluation import (
     trial_scores,
     verification_metrics,
 )
-from processors.scoring import top_n_stats
+from speakerflow.processors.scoring import top_n_stats
 
 ROOT = Path("/corpus")
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors.audio import SUPPORTED_ENCODINGS, AudioDecodeError, decode_pcm, encode_pcm
+from speakerflow.processors.audio import SUPPORTED_ENCODINGS, AudioDecodeError, decode_pcm, encode_pcm
 
 RAW = ("PCM_S16LE", "PCM_F32LE", "MULAW", "ALAW")
 

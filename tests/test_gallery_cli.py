@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from gallery.portability import read_voiceprints, write_voiceprints
-from gallery.voiceprint import Voiceprint
-from processors.corpus import by_speaker, load_manifest
-from streams.cli import main
-from streams.client import await_result, publish_enrollment
-from streams.runtime import Publisher
-from streams.worker import Worker
+from speakerflow.evaluation.corpus import by_speaker, load_manifest
+from speakerflow.gallery.portability import read_voiceprints, write_voiceprints
+from speakerflow.gallery.voiceprint import Voiceprint
+from speakerflow.streams.cli import main
+from speakerflow.streams.client import await_result, publish_enrollment
+from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
 

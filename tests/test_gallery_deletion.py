@@ -13,10 +13,10 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from processors.corpus import by_speaker, load_audio, load_manifest
-from streams.client import await_record, await_result, publish_enrollment, read_gallery_snapshot
-from streams.runtime import Publisher, now_ms
-from streams.worker import Worker
+from speakerflow.evaluation.corpus import by_speaker, load_audio, load_manifest
+from speakerflow.streams.client import await_record, await_result, publish_enrollment, read_gallery_snapshot
+from speakerflow.streams.runtime import Publisher, now_ms
+from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
 

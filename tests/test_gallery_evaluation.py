@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gallery.evaluation import EvalReport, Scores, pool_scores
+from speakerflow.evaluation.gallery import EvalReport, Scores, pool_scores
 
 
 def _scores(

@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from gallery.benchmark import synthetic_gallery, synthetic_queries
-from gallery.index import AutoIndex, ExactIndex, IvfIndex, default_nlist, make_index
+from speakerflow.evaluation.gallery_bench import synthetic_gallery, synthetic_queries
+from speakerflow.gallery.index import AutoIndex, ExactIndex, IvfIndex, default_nlist, make_index
 
 DIM = 32
 
@@ -181,7 +181,7 @@ def test_make_index_and_nlist_defaults():
 
 
 def test_synthetic_queries_sit_at_the_asked_cosine_and_the_benchmark_runs():
-    from gallery.benchmark import bench_size
+    from speakerflow.evaluation.gallery_bench import bench_size
 
     gallery = synthetic_gallery(2000, DIM, seed=8)
     queries, rows = synthetic_queries(gallery, 300, seed=9, cosine=(0.7, 0.85))

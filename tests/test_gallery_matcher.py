@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gallery.matcher import UNKNOWN, Gallery, Matcher
-from gallery.voiceprint import Voiceprint
-from processors.scoring import Calibration
+from speakerflow.gallery.matcher import UNKNOWN, Gallery, Matcher
+from speakerflow.gallery.voiceprint import Voiceprint
+from speakerflow.processors.scoring import Calibration
 
 DIM = 64
 MODEL = "test-model"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gallery.portability import (
+from speakerflow.gallery.portability import (
     VoiceprintFileError,
     from_json,
     model_counts,
@@ -15,7 +15,7 @@ from gallery.portability import (
     to_json,
     write_voiceprints,
 )
-from gallery.voiceprint import Voiceprint
+from speakerflow.gallery.voiceprint import Voiceprint
 
 
 def _voiceprints(n: int = 3, dim: int = 8, model: str = "ge2e-x") -> list[Voiceprint]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.loadtest import SegmentNews
+from speakerflow.evaluation.loadtest import SegmentNews
 
 
 def record(segment_id: str, end_s: float, final: bool, revision: int = 0, stream: str = "a") -> dict:

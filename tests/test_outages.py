@@ -17,13 +17,13 @@ import pytest
 from processes import start_worker, stop_process, wait_until
 from test_sink import assert_rows_match, segment, start_sink, table
 
-from processors.corpus import by_speaker, load_audio, load_manifest
-from streams.broker import free_port, start_embedded_broker
-from streams.client import await_result, follow, play_audio, publish_enrollment
-from streams.database import migrate
-from streams.runtime import Publisher
-from streams.settings import Settings
-from streams.topics import TOPIC_SPECS, create_topics
+from speakerflow.evaluation.corpus import by_speaker, load_audio, load_manifest
+from speakerflow.streams.broker import free_port, start_embedded_broker
+from speakerflow.streams.client import await_result, follow, play_audio, publish_enrollment
+from speakerflow.streams.database import migrate
+from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.settings import Settings
+from speakerflow.streams.topics import TOPIC_SPECS, create_topics
 
 pytestmark = pytest.mark.integration
 

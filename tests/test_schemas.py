@@ -9,8 +9,8 @@ import pytest
 from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import to_parsing_canonical_form
 
-from schemas import codec
-from schemas.codec import RECORDS, SchemaError, decode, encode
+from speakerflow.schemas import codec
+from speakerflow.schemas.codec import RECORDS, SchemaError, decode, encode
 
 SCHEMA_DIR = Path(codec.__file__).parent
 NOW = 1_763_820_000_000

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from processors.scoring import (
+from speakerflow.evaluation.roc import (
+    equal_error_rate,
+    error_rates,
+    fit_calibration,
+    operating_thresholds,
+    threshold_at_far,
+)
+from speakerflow.processors.scoring import (
     DEFAULT_THRESHOLDS,
     Calibration,
     Cohort,
@@ -18,13 +25,8 @@ from processors.scoring import (
     calibration_file,
     cosine_scores,
     default_calibration,
-    equal_error_rate,
-    error_rates,
-    fit_calibration,
     load_calibration,
-    operating_thresholds,
     save_calibration,
-    threshold_at_far,
     top_n_stats,
 )
 

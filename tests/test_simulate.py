@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from processors.corpus import load_manifest
-from processors.diarization_eval import load_rttm
-from processors.simulation import (
+from speakerflow.evaluation.corpus import load_manifest
+from speakerflow.evaluation.diarization import load_rttm
+from speakerflow.evaluation.simulation import (
     SimulationConfig,
     eligible_speakers,
     phrases,

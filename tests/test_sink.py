@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from processes import start_worker, wait_until
 
-from streams.database import migrate
-from streams.runtime import Publisher
+from speakerflow.streams.database import migrate
+from speakerflow.streams.runtime import Publisher
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def assert_rows_match(rows: dict[tuple[str, int], tuple], expected: dict[tuple[s
 
 
 def test_kill_9_mid_stream_then_restart_leaves_table_equal_to_topic(settings, database_url, tmp_path):
-    from streams.topics import create_topics
+    from speakerflow.streams.topics import create_topics
 
     create_topics(settings)
     migrate(database_url)
@@ -114,7 +114,7 @@ def test_kill_9_mid_stream_then_restart_leaves_table_equal_to_topic(settings, da
 
 def test_sink_waits_out_a_database_outage(settings, database_url, pg_server, tmp_path):
     """The database refuses connections for a while: the sink retries, commits nothing, loses nothing."""
-    from streams.topics import create_topics
+    from speakerflow.streams.topics import create_topics
 
     create_topics(settings)
     migrate(database_url)
@@ -137,9 +137,9 @@ def test_sink_waits_out_a_database_outage(settings, database_url, pg_server, tmp
 
 
 def test_deleting_a_speaker_erases_voiceprint_embeddings_and_identity(settings, database_url):
-    from streams.metrics import Metrics
-    from streams.sink import PostgresSink
-    from streams.topics import create_topics
+    from speakerflow.streams.metrics import Metrics
+    from speakerflow.streams.stages.sink import PostgresSink
+    from speakerflow.streams.topics import create_topics
 
     create_topics(settings)
     migrate(database_url)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from processors.audio import decode_file
-from processors.vad import (
+from speakerflow.processors.audio import decode_file
+from speakerflow.processors.vad import (
     SpeechEvent,
     StreamingVad,
     VadConfig,
@@ -64,7 +64,10 @@ def pair_up(events: list[SpeechEvent]) -> list[tuple[float, float]]:
 
 def test_import_keeps_torch_thread_setting() -> None:
     # silero_vad calls torch.set_num_threads(1) on import; processors.vad must undo that.
-    code = "import torch; torch.set_num_threads(3); import processors.vad; print(torch.get_num_threads())"
+    code = (
+        "import torch; torch.set_num_threads(3); import speakerflow.processors.vad; "
+        "print(torch.get_num_threads())"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     )
@@ -177,7 +180,7 @@ def test_short_regions_are_dropped_without_events(padded_speech: np.ndarray) -> 
 
 
 def test_eight_khz_and_other_rates(padded_speech: np.ndarray, offline_regions: list) -> None:
-    from processors.audio import resample
+    from speakerflow.processors.audio import resample
 
     at_8k = resample(padded_speech, RATE, 8000)
     regions_8k = speech_regions(at_8k, 8000)

@@ -47,15 +47,15 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from processes import start_worker, stop_process, wait_until
 
-from gallery.voiceprint import Voiceprint
-from processors.corpus import load_audio, load_manifest
-from processors.simulation import SimulationConfig, simulate
-from streams.client import follow, pcm_chunk, publish_voiceprints
-from streams.database import scratch_database
-from streams.diarize import DiarizerStateStore
-from streams.runtime import Publisher
-from streams.settings import Settings
-from streams.topics import create_topics
+from speakerflow.evaluation.corpus import load_audio, load_manifest
+from speakerflow.evaluation.simulation import SimulationConfig, simulate
+from speakerflow.gallery.voiceprint import Voiceprint
+from speakerflow.streams.client import follow, pcm_chunk, publish_voiceprints
+from speakerflow.streams.database import scratch_database
+from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.settings import Settings
+from speakerflow.streams.stages.diarize import DiarizerStateStore
+from speakerflow.streams.topics import create_topics
 
 pytestmark = pytest.mark.integration
 

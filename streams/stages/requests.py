@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import Message
 
-from gallery.enrollment import EnrollmentPolicy, EnrollmentRejected, enroll
-from gallery.matcher import Gallery
-from gallery.voiceprint import Voiceprint
-from processors.audio import AudioDecodeError, decode_file, decode_pcm
-from processors.embedding import Embedder
-from processors.scoring import Calibration
-from processors.vad import speech_only
-from streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms
-from streams.settings import Settings
+from speakerflow.gallery.enrollment import EnrollmentPolicy, EnrollmentRejected, enroll
+from speakerflow.gallery.matcher import Gallery
+from speakerflow.gallery.voiceprint import Voiceprint
+from speakerflow.processors.audio import AudioDecodeError, decode_file, decode_pcm
+from speakerflow.processors.embedding import Embedder
+from speakerflow.processors.scoring import Calibration
+from speakerflow.processors.vad import speech_only
+from speakerflow.streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms
+from speakerflow.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from streams.loadtest import format_table, run_sweep
-    from streams.settings import Settings
+    from speakerflow.evaluation.loadtest import format_table, run_sweep
+    from speakerflow.streams.settings import Settings
 
     settings = Settings.from_env()
     if args.broker == "embedded":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 # Groups such as `bench` are shared by several cli_<area> modules; this helper creates them once.
-from streams.cli_gallery import subcommand_group
+from speakerflow.streams.cli.speakers import subcommand_group
 
 # What each backend name runs; ECAPA backends share one checkpoint so the comparison is like for like.
 BACKENDS = {
@@ -115,8 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from processors.embedding import EmbedderUnavailable
-    from streams.settings import Settings
+    from speakerflow.processors.embedding import EmbedderUnavailable
+    from speakerflow.streams.settings import Settings
 
     settings = Settings.from_env()
     for chatty in ("speechbrain.utils.fetching", "speechbrain.utils.parameter_transfer"):
@@ -172,7 +172,7 @@ def cmd_bench_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sink(args: argparse.Namespace) -> int:
-    from streams.bench_service import run_sink_bench, write_json
+    from speakerflow.evaluation.service_bench import run_sink_bench, write_json
 
     out = Path(args.out)
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -190,7 +190,7 @@ def cmd_bench_sink(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_identify(args: argparse.Namespace) -> int:
-    from streams.bench_service import run_identify_bench, write_json
+    from speakerflow.evaluation.service_bench import run_identify_bench, write_json
 
     out = Path(args.out)
     r = run_identify_bench(_service_settings(args), args.seconds, args.runs, out)
@@ -208,7 +208,7 @@ def cmd_bench_identify(args: argparse.Namespace) -> int:
 def _service_settings(args: argparse.Namespace):
     from dataclasses import replace
 
-    from streams.settings import Settings
+    from speakerflow.streams.settings import Settings
 
     settings = Settings.from_env()
     return replace(settings, broker_profile="embedded") if args.broker == "embedded" else settings
@@ -216,7 +216,7 @@ def _service_settings(args: argparse.Namespace):
 
 def _random_ecapa(data_dir: Path, channels: int) -> Path:
     """The random-weight ECAPA checkpoint used for speed (built once, reused by later runs)."""
-    from processors.ecapa_checkpoint import build_random_ecapa_checkpoint
+    from speakerflow.evaluation.ecapa_checkpoint import build_random_ecapa_checkpoint
 
     directory = data_dir / "bench" / f"ecapa-random-{channels}"
     if not (directory / "hyperparams.yaml").is_file():
@@ -229,14 +229,14 @@ def _windows(count: int, seconds: float) -> list:
     """`count` distinct speech-like windows (content does not change the cost of these models)."""
     import torch
 
-    from processors.ecapa_checkpoint import synthetic_speechlike
+    from speakerflow.evaluation.ecapa_checkpoint import synthetic_speechlike
 
     wav = synthetic_speechlike(count, seconds, torch.Generator().manual_seed(0))
     return [row.numpy().copy() for row in wav]
 
 
 def _load_backend(backend: str, device: str, ecapa_path: str):
-    from processors.embedding import EcapaEmbedder, Ge2eEmbedder
+    from speakerflow.processors.embedding import EcapaEmbedder, Ge2eEmbedder
 
     started = time.perf_counter()
     if backend == "ge2e":
@@ -399,8 +399,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 # -- models download --------------------------------------------------------------------------------
 def cmd_models_download(args: argparse.Namespace) -> int:
-    from processors.embedding import ECAPA_HUB_ID, EcapaEmbedder, default_models_dir
-    from streams.settings import Settings
+    from speakerflow.processors.embedding import ECAPA_HUB_ID, EcapaEmbedder, default_models_dir
+    from speakerflow.streams.settings import Settings
 
     target = Path(args.target or Path(Settings.from_env().data_dir) / "models" / "ecapa").resolve()
     print(f"fetching {ECAPA_HUB_ID} into {target} ...", flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from processors.audio import decode_file
+from speakerflow.processors.audio import decode_file
 
 SAMPLE_RATE = 16000
 

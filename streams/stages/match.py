@@ -11,10 +11,10 @@ import time
 
 from confluent_kafka import Message
 
-from gallery.matcher import Emission, Gallery, Identification, Matcher
-from processors.scoring import Calibration
-from streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms
-from streams.settings import Settings
+from speakerflow.gallery.matcher import Emission, Gallery, Identification, Matcher
+from speakerflow.processors.scoring import Calibration
+from speakerflow.streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms
+from speakerflow.streams.settings import Settings
 
 FORGET_AFTER_S = 3600.0  # evidence of a stream is dropped after this long without a segment
 _PASSED_THROUGH = (

@@ -26,10 +26,10 @@ import numpy as np
 from pyannote.core import Annotation, Segment, Timeline
 from pyannote.metrics.diarization import DiarizationErrorRate, JaccardErrorRate
 
-from processors.audio import decode_file
-from processors.corpus import load_manifest
-from processors.diarization import DiarizerConfig, StreamDiarizer, TurnUpdate, Window
-from processors.diarization_baselines import baseline_windows, reference_design, speechbrain_spectral
+from speakerflow.evaluation.baselines import baseline_windows, reference_design, speechbrain_spectral
+from speakerflow.evaluation.corpus import load_manifest
+from speakerflow.processors.audio import decode_file
+from speakerflow.processors.diarization import DiarizerConfig, StreamDiarizer, TurnUpdate, Window
 
 COLLARS = (0.0, 0.25)
 FRAME_S = 0.01

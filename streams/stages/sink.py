@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 import psycopg
 from confluent_kafka import Consumer, Message
 
-from schemas import codec
-from streams.database import migrate
-from streams.runtime import Metrics, Publisher, send_to_dead_letter
-from streams.settings import Settings
+from speakerflow.schemas import codec
+from speakerflow.streams.database import migrate
+from speakerflow.streams.runtime import Metrics, Publisher, send_to_dead_letter
+from speakerflow.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gallery.index import ExactIndex, IvfIndex, default_nlist
+from speakerflow.gallery.index import ExactIndex, IvfIndex, default_nlist
 
 _CHUNK = 100_000
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from gallery.matcher import Gallery
-from gallery.voiceprint import Voiceprint
-from schemas import codec
-from streams.settings import Settings
+from speakerflow.gallery.matcher import Gallery
+from speakerflow.gallery.voiceprint import Voiceprint
+from speakerflow.schemas import codec
+from speakerflow.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 

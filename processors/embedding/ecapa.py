@@ -1,41 +1,38 @@
-"""Speaker embedders behind one interface: variable-length 16 kHz waveforms in, L2-normalised rows out.
-
-Every embedder has a `model_id` that is stored with each voiceprint, so vectors of different models are
-never compared. Models are never switched silently: asking for one that cannot load raises
-`EmbedderUnavailable` with the remedy.
-
-- `ge2e`: the GE2E LSTM encoder whose weights ship inside the `resemblyzer` wheel (offline default).
-- `ecapa`: SpeechBrain's ECAPA-TDNN (`speechbrain/spkrec-ecapa-voxceleb`), from the hub or a local dir,
-  loaded by SpeechBrain's own `EncoderClassifier`; inference runs the loaded modules' weights through
-  a time-major GEMM formulation (`FastEcapa`) that is checked against SpeechBrain's forward at load.
-
-Precision: `auto` is fp32 on CPU and fp16 autocast on CUDA. `bf16` (CUDA autocast) and `int8` (CPU,
-dynamic quantisation of the linear layers, opt-in: it changes the numbers, see README) are explicit
-choices. The precision does not enter `model_id`: it is the same model, and GPU (fp16) and CPU (fp32)
-workers must share one gallery.
+"""ECAPA-TDNN: SpeechBrain's `speechbrain/spkrec-ecapa-voxceleb`, from the hub or a local dir, loaded by
+SpeechBrain's own `EncoderClassifier`; inference runs the loaded modules' weights through a time-major
+GEMM formulation (`FastEcapa`) that is checked against SpeechBrain's forward at load, optionally with
+int8 linear layers on CPU (`quantize_int8`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-R = TypeVar("R")
+from speakerflow.processors.embedding.base import (
+    SAMPLE_RATE,
+    CpuWorkers,
+    EmbedderUnavailable,
+    _autocast,
+    _chunks,
+    _host_batch,
+    _length_buckets,
+    _state_digest,
+    _to_device,
+    l2_normalise,
+    resolve_device,
+    resolve_precision,
+)
 
-SAMPLE_RATE = 16000
+log = logging.getLogger(__name__)
+
 ECAPA_HUB_ID = "speechbrain/spkrec-ecapa-voxceleb"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 # SpeechBrain's dilated convolutions reflect-pad up to 4 frames, so a few frames are the hard floor.
@@ -51,259 +48,6 @@ REMEDIES = (
 )
 
 
-class EmbedderUnavailable(RuntimeError):
-    """The requested embedding model cannot be loaded; the message names the remedies."""
-
-
-class Embedder(Protocol):
-    name: str
-    model_id: str
-    dim: int
-    device: torch.device
-
-    def embed(self, waveforms: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, dim) float32, each row L2-normalised; waveforms are 16 kHz mono float32."""
-        ...
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EmbedderUnavailable(f"device {device!r} was requested but CUDA is not available here")
-    return resolved
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The concrete precision for `device`: auto = fp16 on CUDA, fp32 on CPU."""
-    if precision not in PRECISIONS:
-        raise EmbedderUnavailable(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if device.type == "cuda" and precision == "int8":
-        raise EmbedderUnavailable("int8 is a CPU path; use fp16 or bf16 on CUDA")
-    if device.type == "cpu" and precision in ("fp16", "bf16"):
-        # No fp16/bf16 matrix units on common x86 CPUs: it would be slower, not faster.
-        raise EmbedderUnavailable(f"{precision} is a CUDA path; use fp32 or int8 on CPU")
-    return precision
-
-
-def l2_normalise(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return (matrix / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and precision in ("fp16", "bf16"):
-        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _host_batch(
-    rows: Sequence[np.ndarray], length: int, device: torch.device, reflect: bool = False
-) -> torch.Tensor:
-    """Padded (len(rows), length) float32 batch in host memory, pinned when it goes to CUDA.
-
-    Pinned memory lets the copy run asynchronously (`non_blocking=True`), so the host prepares the
-    next batch while the device still computes this one. `reflect` pads with the signal mirrored
-    instead of zeros: padded frames are masked out of every statistic, but convolutions near the end
-    still see them, and mirrored speech disturbs a row far less than digital silence does (measured
-    with 6 % padding: min cosine to the unpadded embedding 0.9996 mirrored, 0.9975 zeros).
-    """
-    batch = torch.zeros((len(rows), length), dtype=torch.float32, pin_memory=device.type == "cuda")
-    view = batch.numpy()
-    for i, row in enumerate(rows):
-        view[i, : len(row)] = row
-        if reflect and 1 < len(row) < length:
-            view[i, len(row) :] = np.pad(row, (0, length - len(row)), mode="reflect")[len(row) :]
-    return batch
-
-
-_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` on `device`. On CUDA the copy runs on a side stream, so it overlaps the kernels of the
-    previous batch that are still queued on the compute stream, instead of waiting behind them."""
-    if device.type != "cuda":
-        return host.to(device)
-    copy_stream = _COPY_STREAMS.get(device)
-    if copy_stream is None:
-        copy_stream = _COPY_STREAMS[device] = torch.cuda.Stream(device)
-    compute = torch.cuda.current_stream(device)
-    with torch.cuda.stream(copy_stream):
-        on_device = host.to(device, non_blocking=True)
-    compute.wait_stream(copy_stream)
-    on_device.record_stream(compute)  # allocated on the copy stream, used on the compute stream
-    return on_device
-
-
-def _length_buckets(lengths: list[int], max_padding: float = 0.2) -> list[list[int]]:
-    """Group indices so that within a group the shortest is at least (1 - max_padding) of the longest."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lengths[i] >= (1 - max_padding) * lengths[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-class CpuWorkers:
-    """Data parallelism over windows on CPU: N threads, each running torch with one intra-op thread.
-
-    On this class of machine one window's GEMMs already run near a core's peak on one thread, and
-    splitting every op over cores costs synchronisation; running whole micro-batches side by side on
-    single-threaded workers measured 7-15 % faster than intra-op threads. torch's thread count is a
-    per-thread (OpenMP) setting, so the workers do not change the caller's. With one job (or one
-    worker) the caller runs it itself, with its own intra-op threads, which keeps single-window
-    latency low.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = max(1, workers)
-        self._pool: ThreadPoolExecutor | None = None
-        if self.workers > 1:
-            self._pool = ThreadPoolExecutor(
-                self.workers, thread_name_prefix="embed-cpu", initializer=torch.set_num_threads, initargs=(1,)
-            )
-
-    @classmethod
-    def for_device(cls, device: torch.device, workers: int = 0) -> CpuWorkers:
-        """`workers` threads on CPU (0: as many as the caller's torch threads); none on a GPU."""
-        if device.type != "cpu":
-            return cls(1)
-        return cls(workers or torch.get_num_threads())
-
-    def map(self, fn: Callable[[T], R], jobs: list[T]) -> list[R]:
-        if self._pool is None or len(jobs) < 2:
-            return [fn(job) for job in jobs]
-        return list(self._pool.map(fn, jobs))
-
-    def chunk_size(self, items: int, most: int) -> int:
-        """Rows per job: at most `most`, small enough that every worker gets one."""
-        return max(1, min(most, -(-items // self.workers)))
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:8]
-
-
-def _state_digest(*modules: nn.Module) -> str:
-    """Digest of the modules' weights and buffers: same weights, same id, wherever they were loaded."""
-    digest = hashlib.sha1()
-    for module in modules:
-        for key, value in sorted(module.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
-# ---------------------------------------------------------------------------------------------------
-# GE2E
-# ---------------------------------------------------------------------------------------------------
-class Ge2eEmbedder:
-    """GE2E (Resemblyzer) with batched, length-uniform partials.
-
-    Each waveform is cut into 1.6-s partials (the length the model was trained on), every partial of
-    the whole batch runs through the LSTM in one call, and a waveform's embedding is the normalised
-    mean of its partials, as in Resemblyzer's `embed_utterance`. The mel filterbank is computed with
-    torch (same parameters as Resemblyzer's librosa call) so that it batches and runs on the device.
-    """
-
-    name = "ge2e"
-    dim = 256
-    partial_frames = 160  # 1.6 s at 100 frames/s
-    partial_step = 80  # 50 % overlap between partials of long inputs
-    min_coverage = 0.75  # a trailing partial must be at least this full to count
-    target_dbfs = -30.0  # Resemblyzer's volume normalisation (increase only)
-    max_partials_per_call = 1024  # bounds the memory of one LSTM call for very long inputs
-
-    def __init__(self, device: str = "cpu", precision: str = "auto", cpu_workers: int = 0) -> None:
-        import torchaudio
-        from resemblyzer import VoiceEncoder
-
-        self.device = resolve_device(device)
-        if precision == "int8":
-            raise EmbedderUnavailable("int8 is offered for ecapa only; ge2e runs in fp32 (or fp16 on CUDA)")
-        self.precision = resolve_precision(precision, self.device)
-        weights = Path(__import__("resemblyzer").__file__).parent / "pretrained.pt"
-        self.model_id = f"ge2e-resemblyzer-{_file_digest(weights)}"
-        self.encoder = VoiceEncoder(device=self.device, verbose=False).eval()
-        self.cpu = CpuWorkers.for_device(self.device, cpu_workers)
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=SAMPLE_RATE,
-            n_fft=400,
-            hop_length=160,
-            n_mels=40,
-            norm="slaney",
-            mel_scale="slaney",
-            pad_mode="constant",
-            power=2.0,
-        ).to(self.device)
-
-    @torch.inference_mode()
-    def _embed_partials(self, partials: list[np.ndarray]) -> torch.Tensor:
-        """L2-normalised embeddings of equal-length partials, left on the device."""
-        batch = _to_device(_host_batch(partials, len(partials[0]), self.device), self.device)
-        mels = self.mel(batch).transpose(1, 2)  # (B, frames, 40) in fp32
-        with _autocast(self.device, self.precision):
-            return self.encoder(mels)
-
-    def _normalise_volume(self, wav: np.ndarray) -> np.ndarray:
-        rms = float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) if wav.size else 0.0
-        if rms <= 1e-8:
-            return wav
-        gain_db = self.target_dbfs - 20 * np.log10(rms)
-        return wav * np.float32(10 ** (gain_db / 20)) if gain_db > 0 else wav
-
-    def _partials(self, wav: np.ndarray) -> list[np.ndarray]:
-        """Fixed-length (1.6 s) slices of `wav`, zero-padded, covering it."""
-        hop = 160
-        span = (self.partial_frames - 1) * hop + 1  # samples that give exactly `partial_frames` frames
-        if len(wav) <= span:
-            return [np.pad(wav, (0, span - len(wav)))]
-        out = []
-        step = self.partial_step * hop
-        for start in range(0, len(wav), step):
-            piece = wav[start : start + span]
-            if start > 0 and len(piece) < self.min_coverage * span:
-                break
-            out.append(np.pad(piece, (0, span - len(piece))))
-            if start + span >= len(wav):
-                break
-        return out
-
-    @torch.inference_mode()
-    def embed(self, waveforms: Sequence[np.ndarray]) -> np.ndarray:
-        if not waveforms:
-            return np.zeros((0, self.dim), np.float32)
-        owners: list[int] = []
-        partials: list[np.ndarray] = []
-        for i, wav in enumerate(waveforms):
-            pieces = self._partials(self._normalise_volume(np.asarray(wav, np.float32)))
-            partials.extend(pieces)
-            owners.extend([i] * len(pieces))
-        size = self.cpu.chunk_size(len(partials), self.max_partials_per_call)
-        outputs = self.cpu.map(
-            self._embed_partials, [partials[i : i + size] for i in range(0, len(partials), size)]
-        )
-        partial_embeds = torch.cat(outputs).float().cpu().numpy()
-        sums = np.zeros((len(waveforms), self.dim), np.float64)
-        np.add.at(sums, np.asarray(owners), partial_embeds)
-        return l2_normalise(sums)
-
-
-# ---------------------------------------------------------------------------------------------------
-# ECAPA-TDNN
-# ---------------------------------------------------------------------------------------------------
 def _bn_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of an eval-mode SpeechBrain BatchNorm1d wrapper."""
     bn = norm.norm
@@ -485,7 +229,7 @@ def quantize_int8(model: nn.Module, layers: Sequence[str] = INT8_LAYERS) -> nn.M
 
 def default_models_dir() -> Path:
     """Where `speakerflow models download` puts the hub model by default (the repository's .data/)."""
-    return Path(__file__).resolve().parents[1] / ".data" / "models" / "ecapa"
+    return Path(__file__).resolve().parents[2] / ".data" / "models" / "ecapa"
 
 
 def _load_classifier(source: str, savedir: str | None, device: torch.device) -> nn.Module:
@@ -630,20 +374,3 @@ class EcapaEmbedder:
             self.classifier.encode_batch(torch.from_numpy(np.asarray(w, np.float32))[None]) for w in waveforms
         ]
         return l2_normalise(torch.cat(rows)[:, 0].float().cpu().numpy())
-
-
-def load_embedder(
-    name: str, device: str = "cpu", model_path: str = "", precision: str = "auto", cpu_workers: int = 0
-) -> Embedder:
-    """The embedder called `name`; raises EmbedderUnavailable (never falls back to another model).
-
-    `cpu_workers`: windows embedded side by side on CPU (0: the caller's torch thread count).
-    """
-    if name == "ge2e":
-        return Ge2eEmbedder(device=device, precision=precision, cpu_workers=cpu_workers)
-    if name == "ecapa":
-        return EcapaEmbedder(source=model_path, device=device, precision=precision, cpu_workers=cpu_workers)
-    raise EmbedderUnavailable(
-        f"unknown embedder {name!r}: choose 'ge2e' (offline, weights in the resemblyzer wheel) or 'ecapa' "
-        f"(SpeechBrain ECAPA-TDNN). {REMEDIES}"
-    )

@@ -20,7 +20,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 from sklearn.metrics import silhouette_score
 
-from processors.vad import VadConfig, speech_regions
+from speakerflow.processors.vad import VadConfig, speech_regions
 
 Segments = list[tuple[float, float, str]]
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from streams.cli_gallery import subcommand_group
+from speakerflow.streams.cli.speakers import subcommand_group
 
 DEFAULT_LATENCIES = "0.5,1,2,5"
 
@@ -58,8 +58,8 @@ def _speaker_range(text: str) -> tuple[int, int]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from processors.corpus import load_manifest
-    from processors.simulation import SimulationConfig, simulate, write_conversations
+    from speakerflow.evaluation.corpus import load_manifest
+    from speakerflow.evaluation.simulation import SimulationConfig, simulate, write_conversations
 
     config = SimulationConfig(
         speakers=_speaker_range(args.speakers),
@@ -82,8 +82,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _embedder(name: str):
     import torch
 
-    from processors.embedding import load_embedder
-    from streams.settings import Settings
+    from speakerflow.processors.embedding import load_embedder
+    from speakerflow.streams.settings import Settings
 
     settings = Settings.from_env()
     if settings.torch_threads:  # one thread each is what a loaded worker gives a stream's VAD
@@ -113,9 +113,9 @@ def print_totals(totals: dict[str, dict], out=sys.stdout) -> None:
 def cmd_eval_diarize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from processors.diarization_eval import Scorer, evaluate_item, multi_speaker_items, plot_timeline
-    from streams.diarize import diarizer_config
-    from streams.settings import Settings
+    from speakerflow.evaluation.diarization import Scorer, evaluate_item, multi_speaker_items, plot_timeline
+    from speakerflow.streams.settings import Settings
+    from speakerflow.streams.stages.diarize import diarizer_config
 
     items = multi_speaker_items(args.manifest)
     if args.limit:
@@ -165,10 +165,10 @@ def _config_json(config) -> dict:
 def cmd_bench_diarize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from processors.audio import decode_file
-    from processors.diarization_eval import multi_speaker_items, run_stream
-    from streams.diarize import diarizer_config
-    from streams.settings import Settings
+    from speakerflow.evaluation.diarization import multi_speaker_items, run_stream
+    from speakerflow.processors.audio import decode_file
+    from speakerflow.streams.settings import Settings
+    from speakerflow.streams.stages.diarize import diarizer_config
 
     config = diarizer_config(Settings.from_env())
     embedder = _embedder("")

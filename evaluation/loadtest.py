@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
-from schemas import codec
-from streams.broker import broker_for_run
-from streams.client import pcm_chunk
-from streams.runtime import Publisher, consume_available, now_ms
-from streams.scenario import librispeech_scenario
-from streams.settings import REPO_ROOT, Settings
-from streams.topics import create_topics
+from speakerflow.evaluation.scenario import librispeech_scenario
+from speakerflow.schemas import codec
+from speakerflow.streams.broker import broker_for_run
+from speakerflow.streams.client import pcm_chunk
+from speakerflow.streams.runtime import Publisher, consume_available, now_ms
+from speakerflow.streams.settings import REPO_ROOT, Settings
+from speakerflow.streams.topics import create_topics
 
 SAMPLE_RATE = 16000
 CHUNK_S = 0.5
@@ -273,7 +273,7 @@ def _start_workers(settings: Settings, log_dir: Path, tag: str, count: int) -> l
         log_path = log_dir / f"worker-{tag}-{i}.log"
         log = open(log_path, "w")  # noqa: SIM115 - handed to the child
         process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--roles", "diarize,match"],
+            [sys.executable, "-m", "speakerflow.streams.cli", "worker", "--roles", "diarize,match"],
             env=settings.child_env(),
             cwd=REPO_ROOT,
             stdout=log,

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
-from streams import database
-from streams.broker import broker_for_run, free_port
-from streams.database import resolve_database_url
-from streams.metrics import Metrics
-from streams.runtime import Publisher, now_ms
-from streams.settings import REPO_ROOT, Settings
-from streams.topics import create_topics
+from speakerflow.streams import database
+from speakerflow.streams.broker import broker_for_run, free_port
+from speakerflow.streams.database import resolve_database_url
+from speakerflow.streams.metrics import Metrics
+from speakerflow.streams.runtime import Publisher, now_ms
+from speakerflow.streams.settings import REPO_ROOT, Settings
+from speakerflow.streams.topics import create_topics
 
 
 @contextmanager
@@ -123,7 +123,7 @@ def run_sink_bench(
 
 
 def _drain(settings: Settings, url: str, publisher: Publisher, expected: int, records: int) -> SinkResult:
-    from streams.sink import PostgresSink
+    from speakerflow.streams.stages.sink import PostgresSink
 
     sink = PostgresSink(settings, url, publisher, Metrics())
     started = time.monotonic()
@@ -174,7 +174,7 @@ class IdentifyResult:
 
 def conversation(data_dir: Path, seconds: float, seed: int) -> tuple[np.ndarray, dict[str, list[Path]]]:
     """A conversation of `seconds` (three enrolled speakers and a stranger) and the enrollment files."""
-    from streams.scenario import librispeech_scenario
+    from speakerflow.evaluation.scenario import librispeech_scenario
 
     scenario = librispeech_scenario(data_dir, turns=max(4, int(seconds / 6)), seed=seed)
     repeats = int(np.ceil(seconds * 16000 / len(scenario.audio)))
@@ -248,7 +248,7 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path, ready_line: str
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", *args],
+        [sys.executable, "-m", "speakerflow.streams.cli", *args],
         env=env,
         cwd=REPO_ROOT,
         stdout=log,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from processors.corpus import SAMPLE_RATE, Turn, Utterance, load_audio, write_rttm
+from speakerflow.evaluation.corpus import SAMPLE_RATE, Turn, Utterance, load_audio, write_rttm
 
 SPLITS = ("all", "tune", "eval")
 _FRAME_S = 0.01  # energy-detector hop

@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from processors.audio import decode_file
-from processors.corpus import Utterance
-from processors.embedding import Embedder
-from processors.scoring import as_norm, equal_error_rate, error_rates, operating_thresholds
-from processors.vad import VadConfig, speech_regions
+from speakerflow.evaluation.corpus import Utterance
+from speakerflow.evaluation.roc import equal_error_rate, error_rates, operating_thresholds
+from speakerflow.processors.audio import decode_file
+from speakerflow.processors.embedding import Embedder
+from speakerflow.processors.scoring import as_norm
+from speakerflow.processors.vad import VadConfig, speech_regions
 
 SAMPLE_RATE = 16000
 FULL = "full"

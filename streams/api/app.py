@@ -28,11 +28,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from psycopg.rows import dict_row
 from starlette.exceptions import HTTPException
 
-from processors.audio import AudioDecodeError, decode_file
-from streams.client import pcm_sample
-from streams.hub import ResultHub
-from streams.runtime import Publisher, now_ms
-from streams.settings import Settings
+from speakerflow.processors.audio import AudioDecodeError, decode_file
+from speakerflow.streams.client import pcm_sample
+from speakerflow.streams.hub import ResultHub
+from speakerflow.streams.runtime import Publisher, now_ms
+from speakerflow.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +451,7 @@ async def _forward_segments(ws: WebSocket, segments: asyncio.Queue) -> None:
 
 
 def _publish_audio(gw: Gateway, stream_id: str, audio: np.ndarray, chunk_s: float = 1.0) -> None:
-    from streams.client import play_audio
+    from speakerflow.streams.client import play_audio
 
     play_audio(gw.publisher, stream_id, audio, chunk_s=chunk_s, realtime=False)
 

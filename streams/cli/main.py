@@ -10,9 +10,9 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 
-from streams import cli_bench, cli_diarize, cli_eval, cli_gallery, cli_ops
-from streams.logs import setup_logging
-from streams.settings import Settings, config_table
+from speakerflow.streams.cli import bench, diarize, evaluate, loadtest, speakers
+from speakerflow.streams.logs import setup_logging
+from speakerflow.streams.settings import Settings, config_table
 
 
 def _settings() -> Settings:
@@ -20,7 +20,7 @@ def _settings() -> Settings:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from streams.broker import start_embedded_broker
+    from speakerflow.streams.broker import start_embedded_broker
 
     broker = start_embedded_broker(port=args.port)
     print(f"embedded broker (Tansu, in memory) on {broker.bootstrap_servers}; Ctrl-C stops it", flush=True)
@@ -38,7 +38,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from streams.topics import create_topics
+    from speakerflow.streams.topics import create_topics
 
     created = create_topics(_settings())
     print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
@@ -46,7 +46,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
-    from streams.database import migrate, resolve_database_url
+    from speakerflow.streams.database import migrate, resolve_database_url
 
     settings = _settings()
     url, embedded = resolve_database_url(settings.database_url, settings.data_dir)
@@ -62,7 +62,7 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 def cmd_db_segments(args: argparse.Namespace) -> int:
     import psycopg
 
-    from streams.database import resolve_database_url
+    from speakerflow.streams.database import resolve_database_url
 
     settings = _settings()
     url, embedded = resolve_database_url(settings.database_url, settings.data_dir)
@@ -84,8 +84,8 @@ def cmd_db_segments(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from streams.database import resolve_database_url
-    from streams.worker import Worker
+    from speakerflow.streams.database import resolve_database_url
+    from speakerflow.streams.worker import Worker
 
     settings = _settings()
     roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
@@ -105,8 +105,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from streams.client import await_result, publish_enrollment
-    from streams.runtime import Publisher
+    from speakerflow.streams.client import await_result, publish_enrollment
+    from speakerflow.streams.runtime import Publisher
 
     settings = _settings()
     files = [Path(f) for f in args.files]
@@ -128,9 +128,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_play(args: argparse.Namespace) -> int:
-    from processors.audio import decode_file
-    from streams.client import play_audio
-    from streams.runtime import Publisher
+    from speakerflow.processors.audio import decode_file
+    from speakerflow.streams.client import play_audio
+    from speakerflow.streams.runtime import Publisher
 
     audio = decode_file(Path(args.file))
     chunks = play_audio(Publisher(_settings()), args.stream_id, audio, args.chunk_s, realtime=not args.fast)
@@ -139,8 +139,8 @@ def cmd_play(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from streams.client import follow
-    from streams.demo import format_segment
+    from speakerflow.streams.client import follow
+    from speakerflow.streams.demo import format_segment
 
     settings = _settings()
     try:
@@ -158,16 +158,20 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from speakerflow.evaluation.scenario import librispeech_scenario  # the demo call is built from the corpus
+    from speakerflow.streams.demo import run_demo
 
-    return run_demo(_settings(), realtime=not args.fast, turns=args.turns)
+    settings = _settings()
+    data_dir = Path(settings.shared_data_dir)
+    print(f"speakerflow demo — speech from {data_dir}")
+    return run_demo(settings, librispeech_scenario(data_dir, turns=args.turns), realtime=not args.fast)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from streams.api import create_app
-    from streams.database import migrate, resolve_database_url
+    from speakerflow.streams.api import create_app
+    from speakerflow.streams.database import migrate, resolve_database_url
 
     settings = _settings()
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the default action
@@ -256,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the documented table of variables")
     p.set_defaults(func=cmd_config)
 
-    for module in (cli_eval, cli_gallery, cli_diarize, cli_bench, cli_ops):
+    for module in (evaluate, speakers, diarize, bench, loadtest):
         module.register(sub)
     return parser
 

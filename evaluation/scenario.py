@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from processors.corpus import Turn, build_conversation, by_speaker, load_audio, load_manifest
+from speakerflow.evaluation.corpus import Turn, build_conversation, by_speaker, load_audio, load_manifest
 
 ENROLLED = ("ls-1688", "ls-2033", "ls-3080")
 STRANGER = "ls-1998"

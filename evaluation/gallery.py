@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gallery.enrollment import EnrollmentPolicy, EnrollmentRejected, enroll
-from gallery.matcher import Gallery, Matcher
-from processors.corpus import Turn, build_conversation, by_speaker, load_audio, load_manifest
-from processors.diarization import DiarizerConfig, StreamDiarizer, TurnUpdate
-from processors.embedding import Embedder
-from processors.scoring import Calibration
+from speakerflow.evaluation.corpus import Turn, build_conversation, by_speaker, load_audio, load_manifest
+from speakerflow.gallery.enrollment import EnrollmentPolicy, EnrollmentRejected, enroll
+from speakerflow.gallery.matcher import Gallery, Matcher
+from speakerflow.processors.diarization import DiarizerConfig, StreamDiarizer, TurnUpdate
+from speakerflow.processors.embedding import Embedder
+from speakerflow.processors.scoring import Calibration
 
 SAMPLE_RATE = 16000
 

@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from processors.embedding import Embedder
-    from processors.evaluation import EmbeddingCache, Item
-    from processors.scoring import Calibration
-    from streams.settings import Settings
+    from speakerflow.evaluation.verification import EmbeddingCache, Item
+    from speakerflow.processors.embedding import Embedder
+    from speakerflow.processors.scoring import Calibration
+    from speakerflow.streams.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the top-level parser."""
-    from streams.cli_gallery import subcommand_group  # `eval` is shared with other cli_<area> modules
+    from speakerflow.streams.cli.speakers import (
+        subcommand_group,  # `eval` is shared with other cli_<area> modules
+    )
 
     esub = subcommand_group(sub, "eval", "evaluations on a speech manifest")
 
@@ -87,13 +89,13 @@ def _progress(items: Iterable[Any], desc: str = "", total: int = 0) -> Iterable[
 
 
 def _settings() -> Settings:
-    from streams.settings import Settings
+    from speakerflow.streams.settings import Settings
 
     return Settings.from_env()
 
 
 def _load_embedder(settings: Settings, name: str) -> Embedder:
-    from processors.embedding import load_embedder
+    from speakerflow.processors.embedding import load_embedder
 
     return load_embedder(name or settings.embedder, settings.device, settings.embedding_model_path)
 
@@ -106,7 +108,7 @@ def _apply_threads(settings: Settings) -> None:
 
 
 def _calibration(settings: Settings, model_id: str) -> Calibration:
-    from processors.scoring import default_calibration
+    from speakerflow.processors.scoring import default_calibration
 
     return default_calibration(
         model_id, settings.match_threshold, settings.calibration_path, settings.operating_point
@@ -121,8 +123,8 @@ def _describe(cal: Calibration) -> str:
 def _corpus(
     args: argparse.Namespace, settings: Settings
 ) -> tuple[Path, list[Item], EmbeddingCache, Embedder]:
-    from processors.corpus import load_manifest
-    from processors.evaluation import EmbeddingCache, SpeechStore, build_items
+    from speakerflow.evaluation.corpus import load_manifest
+    from speakerflow.evaluation.verification import EmbeddingCache, SpeechStore, build_items
 
     folder = Path(args.manifest)
     folder = folder.parent if folder.suffix == ".csv" else folder
@@ -168,7 +170,12 @@ def _pct(value: float | None) -> str:
 
 
 def cmd_eval_verify(args: argparse.Namespace) -> int:
-    from processors.evaluation import corpus_summary, evaluate_verification, parse_crops, plot_det
+    from speakerflow.evaluation.verification import (
+        corpus_summary,
+        evaluate_verification,
+        parse_crops,
+        plot_det,
+    )
 
     started = time.monotonic()
     settings = _settings()
@@ -250,7 +257,8 @@ def _print_row(name: str, entry: dict[str, Any], note: str = "") -> None:
 
 
 def cmd_eval_identify(args: argparse.Namespace) -> int:
-    from processors.evaluation import (
+    from speakerflow.evaluation.roc import operating_thresholds
+    from speakerflow.evaluation.verification import (
         build_trials,
         corpus_summary,
         cross_fitted_open_set,
@@ -258,7 +266,7 @@ def cmd_eval_identify(args: argparse.Namespace) -> int:
         identification_split,
         trial_scores,
     )
-    from processors.scoring import OPERATING_POINTS, load_calibration, operating_thresholds
+    from speakerflow.processors.scoring import OPERATING_POINTS, load_calibration
 
     started = time.monotonic()
     settings = _settings()
@@ -337,8 +345,15 @@ def cmd_eval_identify(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from processors.evaluation import build_trials, corpus_summary, crop_label, parse_crops, trial_scores
-    from processors.scoring import fit_calibration, save_calibration
+    from speakerflow.evaluation.roc import fit_calibration
+    from speakerflow.evaluation.verification import (
+        build_trials,
+        corpus_summary,
+        crop_label,
+        parse_crops,
+        trial_scores,
+    )
+    from speakerflow.processors.scoring import save_calibration
 
     settings = _settings()
     crops = parse_crops(args.crop)
@@ -397,9 +412,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     import numpy as np
 
-    from processors.audio import AudioDecodeError, decode_file
-    from processors.evaluation import one_torch_thread
-    from streams.requests import speech_or_error
+    from speakerflow.evaluation.verification import one_torch_thread
+    from speakerflow.processors.audio import AudioDecodeError, decode_file
+    from speakerflow.streams.stages.requests import speech_or_error
 
     settings = _settings()
     _apply_threads(settings)
@@ -445,7 +460,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _verify_enrolled(args: argparse.Namespace) -> int:
     # Against an enrolled speaker the request goes through the verification topic to a worker; that
     # client is `speakers verify ID FILE` (streams/cli_gallery.py), which this form calls.
-    from streams.cli_gallery import cmd_speakers_verify
+    from speakerflow.streams.cli.speakers import cmd_speakers_verify
 
     if not args.file or args.enroll or args.test:
         print("error: with --speaker give exactly one audio FILE (and no --enroll/--test)", file=sys.stderr)

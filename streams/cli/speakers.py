@@ -32,7 +32,7 @@ def subcommand_group(
 
 
 def _settings():
-    from streams.settings import Settings
+    from speakerflow.streams.settings import Settings
 
     return Settings.from_env()
 
@@ -43,7 +43,7 @@ def _when(ms: int) -> str:
 
 # -- speakers ---------------------------------------------------------------------------------------
 def cmd_speakers_list(args: argparse.Namespace) -> int:
-    from streams.client import read_gallery_snapshot
+    from speakerflow.streams.client import read_gallery_snapshot
 
     speakers = sorted(read_gallery_snapshot(_settings(), args.timeout).values(), key=lambda v: v.speaker_id)
     if args.model:
@@ -76,8 +76,8 @@ def _summary(vp) -> dict:
 
 
 def cmd_speakers_show(args: argparse.Namespace) -> int:
-    from gallery.portability import to_json
-    from streams.client import read_gallery_snapshot
+    from speakerflow.gallery.portability import to_json
+    from speakerflow.streams.client import read_gallery_snapshot
 
     vp = read_gallery_snapshot(_settings(), args.timeout).get(args.speaker_id)
     if vp is None:
@@ -94,8 +94,8 @@ def cmd_speakers_show(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers_delete(args: argparse.Namespace) -> int:
-    from streams.client import await_result, publish_enrollment, read_gallery_snapshot
-    from streams.runtime import Publisher
+    from speakerflow.streams.client import await_result, publish_enrollment, read_gallery_snapshot
+    from speakerflow.streams.runtime import Publisher
 
     settings = _settings()
     if not args.force and args.speaker_id not in read_gallery_snapshot(settings, args.timeout):
@@ -117,8 +117,8 @@ def cmd_speakers_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers_verify(args: argparse.Namespace) -> int:
-    from streams.client import await_result, publish_verification
-    from streams.runtime import Publisher
+    from speakerflow.streams.client import await_result, publish_verification
+    from speakerflow.streams.runtime import Publisher
 
     settings = _settings()
     file = Path(args.file)
@@ -144,8 +144,8 @@ def cmd_speakers_verify(args: argparse.Namespace) -> int:
 
 # -- gallery export / import ------------------------------------------------------------------------
 def cmd_gallery_export(args: argparse.Namespace) -> int:
-    from gallery.portability import VoiceprintFileError, model_counts, write_voiceprints
-    from streams.client import read_gallery_snapshot
+    from speakerflow.gallery.portability import VoiceprintFileError, model_counts, write_voiceprints
+    from speakerflow.streams.client import read_gallery_snapshot
 
     speakers = sorted(read_gallery_snapshot(_settings(), args.timeout).values(), key=lambda v: v.speaker_id)
     if args.model:
@@ -161,9 +161,9 @@ def cmd_gallery_export(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery_import(args: argparse.Namespace) -> int:
-    from gallery.portability import VoiceprintFileError, model_counts, read_voiceprints
-    from streams.client import publish_voiceprints
-    from streams.runtime import Publisher
+    from speakerflow.gallery.portability import VoiceprintFileError, model_counts, read_voiceprints
+    from speakerflow.streams.client import publish_voiceprints
+    from speakerflow.streams.runtime import Publisher
 
     settings = _settings()
     try:
@@ -203,7 +203,7 @@ def cmd_bench_gallery(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from gallery.benchmark import bench_size
+    from speakerflow.evaluation.gallery_bench import bench_size
 
     sizes = [int(float(s)) for s in args.size.split(",") if s.strip()]
     report = []
@@ -296,7 +296,7 @@ def cmd_bench_requests(args: argparse.Namespace) -> int:
 def _recording_with_speech(audio, speech_s: float):
     """The shortest start of `audio` holding `speech_s` seconds of VAD speech (plus a margin, so the
     enrollment gate, which runs the same VAD, sees at least that much), or None if it has less."""
-    from processors.vad import speech_regions
+    from speakerflow.processors.vad import speech_regions
 
     needed, total = speech_s + 0.3, 0.0
     for start, end in speech_regions(audio, 16000):
@@ -308,7 +308,7 @@ def _recording_with_speech(audio, speech_s: float):
 
 def _bench_samples(settings, speech_s: float, count: int) -> tuple[list, list[str]]:
     """(audio, speaker) samples from the shared data, each holding `speech_s` seconds of speech."""
-    from processors.corpus import by_speaker, load_audio, load_manifest
+    from speakerflow.evaluation.corpus import by_speaker, load_audio, load_manifest
 
     groups = by_speaker(load_manifest(settings.shared_data_dir), prefix="librispeech/test-other")
     samples, speakers = [], []
@@ -349,7 +349,7 @@ class _Arrivals:
     def _run(self) -> None:
         import time
 
-        from streams.runtime import consume_available
+        from speakerflow.streams.runtime import consume_available
 
         while not self._stop.is_set():
             for msg in consume_available(self._consumer, 100, 0.05):
@@ -385,9 +385,9 @@ def run_request_bench(kind: str, requests: int, speech_s: float, warmup: int) ->
     worker (roles enroll and verify, no database): publish one request, wait for its output, repeat."""
     import tempfile
 
-    from processors.embedding import load_embedder
-    from streams.broker import start_embedded_broker
-    from streams.worker import Worker
+    from speakerflow.processors.embedding import load_embedder
+    from speakerflow.streams.broker import start_embedded_broker
+    from speakerflow.streams.worker import Worker
 
     base = _settings()
     tmp = Path(tempfile.mkdtemp(prefix="speakerflow-bench-"))
@@ -433,9 +433,9 @@ def _enroll_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
     """Each request enrolls a new speaker; latency = publish -> its voiceprint on the gallery topic."""
     import time
 
-    from schemas import codec
-    from streams.client import now_ms, pcm_sample
-    from streams.runtime import Publisher
+    from speakerflow.schemas import codec
+    from speakerflow.streams.client import now_ms, pcm_sample
+    from speakerflow.streams.runtime import Publisher
 
     samples, speakers = _bench_samples(settings, speech_s, count)
     arrivals = _Arrivals(settings, [settings.topic("gallery")])
@@ -477,10 +477,10 @@ def _verify_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
     """Verifications of crops of held-out speech against one enrolled speaker (and of others)."""
     import time
 
-    from processors.corpus import by_speaker, load_audio, load_manifest
-    from schemas import codec
-    from streams.client import await_result, now_ms, pcm_sample, publish_enrollment
-    from streams.runtime import Publisher
+    from speakerflow.evaluation.corpus import by_speaker, load_audio, load_manifest
+    from speakerflow.schemas import codec
+    from speakerflow.streams.client import await_result, now_ms, pcm_sample, publish_enrollment
+    from speakerflow.streams.runtime import Publisher
 
     groups = by_speaker(load_manifest(settings.shared_data_dir), prefix="librispeech/test-other")
     target = sorted(groups)[0]
@@ -542,9 +542,9 @@ def cmd_eval_gallery(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from gallery.evaluation import DEFAULT_VARIANTS, EvalConfig, evaluate, pool_scores
-    from processors.embedding import load_embedder
-    from processors.scoring import default_calibration
+    from speakerflow.evaluation.gallery import DEFAULT_VARIANTS, EvalConfig, evaluate, pool_scores
+    from speakerflow.processors.embedding import load_embedder
+    from speakerflow.processors.scoring import default_calibration
 
     settings = _settings()
     # Small per-chunk model calls gain nothing from more intra-op threads and pay for waking them

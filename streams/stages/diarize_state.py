@@ -1,0 +1,145 @@
+"""The diarizer's state in the compacted `diarizer.state` topic: snapshots written as a stream goes,
+read back when a worker takes over a stream it does not know (see the diarize stage's docstring)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from speakerflow.processors.diarization import SNAPSHOT_FORMAT
+from speakerflow.processors.embedding import Embedder
+from speakerflow.schemas import codec
+from speakerflow.streams.runtime import now_ms
+from speakerflow.streams.settings import Settings
+
+if TYPE_CHECKING:
+    from speakerflow.streams.stages.diarize import StreamState
+
+STATE_TOPIC = "diarizer.state"
+
+
+class DiarizerStateStore:
+    """The compacted `diarizer.state` topic: per stream a core record (key = stream id) and immutable
+    window blocks (key = `<stream id>#windows-<n>`), all in the stream's audio partition number."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = settings.topic(STATE_TOPIC)
+        self._producer: Producer | None = None
+        self._loaded: dict[int, dict[str, dict]] = {}  # partition -> key -> record (latest)
+
+    def _produce(self, key: str, partition: int, record: dict | None) -> None:
+        if self._producer is None:
+            self._producer = Producer(self.settings.producer_config())
+        value = None if record is None else codec.encode("DiarizerState", record)
+        while True:
+            try:
+                self._producer.produce(self.topic, key=key, value=value, partition=partition)
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+
+    def _record(self, state: StreamState, part: str, snapshot: bytes, model_id: str) -> dict:
+        return {
+            "stream_id": state.stream_id,
+            "part": part,
+            "snapshot": snapshot,
+            "snapshot_format": SNAPSHOT_FORMAT,
+            "audio_s": state.diarizer.audio_s,
+            "next_seq": state.next_seq,
+            "resume_offset": state.resume_offset(),
+            "origin_capture_ts_ms": state.origin_capture_ms,
+            "sample_rate": state.sample_rate,
+            "channels": state.channels,
+            "model_id": model_id,
+            "saved_at_ms": now_ms(),
+        }
+
+    def save_core(self, state: StreamState, snapshot: bytes, embedder: Embedder) -> None:
+        self._produce(
+            state.stream_id, state.partition, self._record(state, "core", snapshot, embedder.model_id)
+        )
+
+    def save_block(self, state: StreamState, block: int, rows: bytes) -> None:
+        key = f"{state.stream_id}#windows-{block:05d}"
+        self._produce(key, state.partition, self._record(state, f"windows-{block:05d}", rows, ""))
+
+    def delete(self, state: StreamState) -> None:
+        """Tombstones for every record of a finished stream."""
+        for block in range(state.saved_blocks):
+            self._produce(f"{state.stream_id}#windows-{block:05d}", state.partition, None)
+        self._produce(state.stream_id, state.partition, None)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        if self._producer is not None and self._producer.flush(timeout_s):
+            raise RuntimeError(f"diarizer state not delivered within {timeout_s} s")
+
+    def forget(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            self._loaded.pop(partition, None)
+
+    def load(self, stream_id: str, partition: int) -> tuple[dict, list[bytes]] | None:
+        """The stream's latest core record and its window blocks in order, or None."""
+        if partition not in self._loaded:
+            self._loaded[partition] = self._read_partition(partition)
+        records = self._loaded[partition]
+        core = records.get(stream_id)
+        if core is None:
+            return None
+        blocks = []
+        for block in range(len(records)):
+            record = records.get(f"{stream_id}#windows-{block:05d}")
+            if record is None:
+                break
+            blocks.append(record["snapshot"])
+        return core, blocks
+
+    def _read_partition(self, partition: int) -> dict[str, dict]:
+        """Latest record per key of one state partition (tombstones remove keys)."""
+        consumer = Consumer(self.settings.consumer_config(None))
+        records: dict[str, dict] = {}
+        try:
+            if self.topic not in consumer.list_topics(self.topic, timeout=10).topics:
+                return records
+            _, end = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
+            consumer.assign([TopicPartition(self.topic, partition, OFFSET_BEGINNING)])
+            position = 0
+            deadline = time.monotonic() + 30
+            while position < end and time.monotonic() < deadline:
+                for msg in consumer.consume(500, timeout=0.2):
+                    if msg.error() is not None:
+                        continue
+                    position = msg.offset() + 1
+                    key = (msg.key() or b"").decode()
+                    if msg.value() is None:
+                        records.pop(key, None)
+                    else:
+                        records[key] = codec.decode("DiarizerState", msg.value())
+        finally:
+            consumer.close()
+        return records
+
+    def replay(self, topic: str, partition: int, start: int, stop: int):
+        """Audio chunks of one partition with offsets in [start, stop), decoded, in order."""
+        if start >= stop:
+            return
+        consumer = Consumer(self.settings.consumer_config(None))
+        try:
+            consumer.assign([TopicPartition(topic, partition, start)])
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(500, timeout=0.2):
+                    if msg.error() is not None or msg.value() is None:
+                        continue
+                    if msg.offset() >= stop:
+                        return
+                    try:
+                        yield msg, codec.decode("AudioChunk", msg.value())
+                    except codec.SchemaError:
+                        continue  # it went to the dead-letter topic the first time
+                    if msg.offset() + 1 >= stop:
+                        return
+        finally:
+            consumer.close()
