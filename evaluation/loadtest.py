@@ -32,7 +32,7 @@ from speakerflow.streams.broker import broker_for_run
 from speakerflow.streams.client import pcm_chunk
 from speakerflow.streams.runtime import Publisher, consume_available, now_ms
 from speakerflow.streams.settings import REPO_ROOT, Settings
-from speakerflow.streams.topics import create_topics
+from speakerflow.streams.topology import AUDIO, DEADLETTER, SEGMENTS_IDENTIFIED, create_topics
 
 SAMPLE_RATE = 16000
 CHUNK_S = 0.5
@@ -80,7 +80,7 @@ class Player(threading.Thread):
     def __init__(self, settings: Settings, audios: list[np.ndarray], run_id: str) -> None:
         super().__init__(daemon=True)
         self.publisher = Publisher(settings)
-        self.topic = settings.topic("audio")
+        self.topic = settings.topic(AUDIO)
         self.audios = audios
         self.stream_ids = [f"load-{run_id}-{i:03d}" for i in range(len(audios))]
         self.sent_by_stream = [0] * len(audios)
@@ -123,7 +123,7 @@ class LatencyProbe(threading.Thread):
 
     def run(self) -> None:
         consumer = Consumer(self.settings.consumer_config(f"loadtest-probe-{uuid.uuid4().hex[:8]}"))
-        consumer.subscribe([self.settings.topic("segments.identified")])
+        consumer.subscribe([self.settings.topic(SEGMENTS_IDENTIFIED)])
         news = SegmentNews()
         try:
             while not self.stopping.is_set():
@@ -209,7 +209,7 @@ def run_loadtest(
                 raise RuntimeError(f"a worker died; see the worker logs in {log_dir}")
             cpu, rss = _proc_samples(processes)
             lag = sum(player.sent_by_stream) - _committed(
-                lag_reader, settings.topic("audio"), settings.partitions
+                lag_reader, settings.topic(AUDIO), settings.partitions
             )
             samples.append((time.monotonic() - t0, cpu, rss, lag))
         probe.stopping.set()
@@ -254,7 +254,7 @@ def _summarise(streams, minutes, probe: LatencyProbe, samples, cpu0, dead) -> Lo
 
 def _dead_letters(settings: Settings) -> int:
     consumer = Consumer(settings.consumer_config(f"loadtest-dlq-{uuid.uuid4().hex[:8]}"))
-    consumer.subscribe([settings.topic("deadletter")])
+    consumer.subscribe([settings.topic(DEADLETTER)])
     count, quiet_since = 0, time.monotonic()
     while time.monotonic() - quiet_since < 3:
         msgs = [m for m in consumer.consume(500, timeout=0.2) if m.error() is None]

@@ -30,7 +30,7 @@ from speakerflow.streams.database import resolve_database_url
 from speakerflow.streams.metrics import Metrics
 from speakerflow.streams.runtime import Publisher, now_ms
 from speakerflow.streams.settings import REPO_ROOT, Settings
-from speakerflow.streams.topics import create_topics
+from speakerflow.streams.topology import SEGMENTS_IDENTIFIED, create_topics
 
 
 @contextmanager
@@ -96,7 +96,7 @@ def run_sink_bench(
     with broker_for_run(settings, log_dir) as settings:
         create_topics(settings)
         publisher = Publisher(settings)
-        topic = settings.topic("segments.identified")
+        topic = settings.topic(SEGMENTS_IDENTIFIED)
         records = 0
         for record in tqdm(
             segment_updates(streams, per_stream), total=2 * streams * per_stream, desc="backlog", unit="rec"

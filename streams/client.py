@@ -14,6 +14,14 @@ from speakerflow.processors.audio import decode_file, encode_pcm
 from speakerflow.schemas import codec
 from speakerflow.streams.runtime import Publisher, consume_available, now_ms
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import (
+    AUDIO,
+    ENROLLMENT_REQUESTS,
+    ENROLLMENT_RESULTS,
+    GALLERY,
+    VERIFICATION_REQUESTS,
+    VERIFICATION_RESULTS,
+)
 
 SAMPLE_RATE = 16000
 
@@ -80,9 +88,7 @@ def publish_enrollment(
         "metadata": {},
         "requested_at_ms": now_ms(),
     }
-    publisher.publish(
-        publisher.settings.topic("enrollment.requests"), speaker_id, "EnrollmentRequest", record
-    )
+    publisher.publish(publisher.settings.topic(ENROLLMENT_REQUESTS), speaker_id, "EnrollmentRequest", record)
     publisher.flush()
     return request_id
 
@@ -100,7 +106,7 @@ def play_audio(
     Each chunk's capture time is when its first sample would have been captured live, so end-to-end
     latency can be measured from it.
     """
-    topic = publisher.settings.topic("audio")
+    topic = publisher.settings.topic(AUDIO)
     size = int(chunk_s * SAMPLE_RATE)
     starts = range(0, len(samples), size)
     origin_ms = now_ms()
@@ -177,7 +183,7 @@ def publish_verification(publisher: Publisher, speaker_id: str, file: Path) -> s
         "requested_at_ms": now_ms(),
     }
     publisher.publish(
-        publisher.settings.topic("verification.requests"), request_id, "VerificationRequest", record
+        publisher.settings.topic(VERIFICATION_REQUESTS), request_id, "VerificationRequest", record
     )
     publisher.flush()
     return request_id
@@ -185,7 +191,7 @@ def publish_verification(publisher: Publisher, speaker_id: str, file: Path) -> s
 
 def publish_voiceprints(publisher: Publisher, voiceprints: list) -> int:
     """Write `gallery.voiceprint.Voiceprint`s straight to the gallery topic (import); returns the count."""
-    topic = publisher.settings.topic("gallery")
+    topic = publisher.settings.topic(GALLERY)
     for i, voiceprint in enumerate(voiceprints):
         publisher.publish(topic, voiceprint.speaker_id, "Voiceprint", voiceprint.to_record())
         if i % 1000 == 999:
@@ -205,7 +211,7 @@ def read_gallery_snapshot(settings: Settings, timeout_s: float = 30.0) -> dict:
 
     from speakerflow.gallery.voiceprint import Voiceprint
 
-    topic = settings.topic("gallery")
+    topic = settings.topic(GALLERY)
     consumer = Consumer(settings.consumer_config(None))
     speakers: dict = {}
     try:
@@ -245,11 +251,11 @@ def _voiceprint_or_none(voiceprint_class: type, value: bytes):
         return None
 
 
-RESULT_RECORDS = {"enrollment.results": "EnrollmentResult", "verification.results": "VerificationResult"}
+RESULT_RECORDS = {ENROLLMENT_RESULTS: "EnrollmentResult", VERIFICATION_RESULTS: "VerificationResult"}
 
 
 def await_result(settings: Settings, results_topic: str, request_id: str, timeout_s: float) -> dict:
-    """The record answering `request_id` on a results topic (its short name, e.g. "enrollment.results")."""
+    """The record answering `request_id` on a results topic (its short name, e.g. ENROLLMENT_RESULTS)."""
     return await_record(
         settings,
         settings.topic(results_topic),

@@ -20,7 +20,7 @@ from speakerflow.streams.client import await_result, follow, play_audio, publish
 from speakerflow.streams.database import migrate, resolve_database_url
 from speakerflow.streams.runtime import Publisher
 from speakerflow.streams.settings import Settings
-from speakerflow.streams.topics import create_topics
+from speakerflow.streams.topology import ENROLLMENT_RESULTS, SEGMENTS_IDENTIFIED, create_topics
 
 COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
@@ -116,7 +116,7 @@ def _enroll(settings: Settings, enrollments: dict[str, list[Path]]) -> None:
     publisher = Publisher(settings)
     for speaker_id, files in enrollments.items():
         request_id = publish_enrollment(publisher, speaker_id, speaker_id, files)
-        result = await_result(settings, "enrollment.results", request_id, 180)
+        result = await_result(settings, ENROLLMENT_RESULTS, request_id, 180)
         verdict = "accepted" if result["accepted"] else f"REJECTED: {result['reason']}"
         print(
             f"• enrolled {speaker_id} from {len(files)} files: {verdict} "
@@ -138,7 +138,7 @@ def _play_and_show(
 
     threading.Thread(target=play, daemon=True).start()
     last_end = len(audio) / 16000
-    topic = settings.topic("segments.identified")
+    topic = settings.topic(SEGMENTS_IDENTIFIED)
     for seg in follow(settings, topic, "IdentifiedSegment", stop=give_up):
         if seg["stream_id"] != stream_id or not seg["is_final"]:
             continue

@@ -20,15 +20,21 @@ from confluent_kafka import Consumer
 from speakerflow.schemas import codec
 from speakerflow.streams.runtime import consume_available
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import (
+    ENROLLMENT_RESULTS,
+    SEGMENTS_IDENTIFIED,
+    STREAMS,
+    VERIFICATION_RESULTS,
+)
 
 log = logging.getLogger(__name__)
 
 # topic name (without prefix) -> (Avro record, field that routes it)
 ROUTES = {
-    "segments.identified": ("IdentifiedSegment", "stream_id"),
-    "streams": ("StreamEvent", "stream_id"),
-    "enrollment.results": ("EnrollmentResult", "request_id"),
-    "verification.results": ("VerificationResult", "request_id"),
+    SEGMENTS_IDENTIFIED: ("IdentifiedSegment", "stream_id"),
+    STREAMS: ("StreamEvent", "stream_id"),
+    ENROLLMENT_RESULTS: ("EnrollmentResult", "request_id"),
+    VERIFICATION_RESULTS: ("VerificationResult", "request_id"),
 }
 
 

@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from speakerflow.schemas import codec
 from speakerflow.streams.metrics import Metrics
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import DEADLETTER
 
 __all__ = ["Metrics", "Processor", "ProcessorThread", "Publisher"]
 
@@ -111,7 +112,7 @@ class Publisher:
             "payload_excerpt": value[:PAYLOAD_EXCERPT_BYTES],
             "failed_at_ms": now_ms(),
         }
-        self.publish(self.settings.topic("deadletter"), msg.key(), "DeadLetter", record)
+        self.publish(self.settings.topic(DEADLETTER), msg.key(), "DeadLetter", record)
 
 
 class Processor:

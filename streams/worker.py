@@ -19,11 +19,11 @@ from speakerflow.streams.stages.gallery_table import GalleryTable
 from speakerflow.streams.stages.match import MatchProcessor, build_gallery_and_matcher
 from speakerflow.streams.stages.requests import EnrollProcessor, VerifyProcessor
 from speakerflow.streams.stages.sink import PostgresSink
-from speakerflow.streams.topics import create_topics
+from speakerflow.streams.topology import ROLES, create_topics
 
 log = logging.getLogger(__name__)
 
-ALL_ROLES = ("diarize", "match", "enroll", "verify", "sink")
+ALL_ROLES = ROLES  # streams/topology.py declares the stages
 MODEL_ROLES = {"diarize", "match", "enroll", "verify"}  # roles that need the embedder and the gallery
 
 

@@ -11,6 +11,7 @@ from speakerflow.processors.audio import encode_pcm
 from speakerflow.schemas import codec
 from speakerflow.streams.client import await_result, file_sample, follow, play_audio, publish_enrollment
 from speakerflow.streams.runtime import Publisher, now_ms
+from speakerflow.streams.topology import AUDIO, DEADLETTER, ENROLLMENT_RESULTS, SEGMENTS_IDENTIFIED
 from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,7 @@ def worker(settings, ge2e):
 
 def dead_letters(settings, count: int, timeout_s: float = 60) -> list[dict]:
     out = []
-    for record in follow(settings, settings.topic("deadletter"), "DeadLetter", timeout_s=timeout_s):
+    for record in follow(settings, settings.topic(DEADLETTER), "DeadLetter", timeout_s=timeout_s):
         out.append(record)
         if len(out) >= count:
             break
@@ -57,7 +58,7 @@ def test_bad_audio_goes_to_the_dead_letter_topic_and_streams_go_on(settings, wor
     ]
     pcm = encode_pcm(speech, "PCM_S16LE")
     publisher = Publisher(settings)
-    audio = settings.topic("audio")
+    audio = settings.topic(AUDIO)
     second = 32000  # bytes of one second of s16le at 16 kHz
     bad = [
         ("not Avro at all", b"\x00garbage"),
@@ -87,7 +88,7 @@ def test_bad_audio_goes_to_the_dead_letter_topic_and_streams_go_on(settings, wor
     assert "format changed mid-stream" in reasons
     assert any(d["payload_excerpt"] == b"\x00garbage" for d in letters)
     finals = []
-    for seg in follow(settings, settings.topic("segments.identified"), "IdentifiedSegment", timeout_s=60):
+    for seg in follow(settings, settings.topic(SEGMENTS_IDENTIFIED), "IdentifiedSegment", timeout_s=60):
         if seg["stream_id"] == good and seg["is_final"]:
             finals.append(seg)
             break
@@ -108,7 +109,7 @@ def test_streams_that_never_end_are_closed_by_the_idle_timeout(settings, worker,
     # Play without the end-of-stream flag: drop the last chunk, which carries it.
     play_audio(publisher, "silent-hangup", audio[: len(audio) - 8000], chunk_s=0.5, realtime=False)
     finals = []
-    for seg in follow(settings, settings.topic("segments.identified"), "IdentifiedSegment", timeout_s=60):
+    for seg in follow(settings, settings.topic(SEGMENTS_IDENTIFIED), "IdentifiedSegment", timeout_s=60):
         if seg["stream_id"] == "silent-hangup" and seg["is_final"]:
             finals.append(seg)
             break
@@ -140,12 +141,12 @@ def test_bad_enrollment_audio_is_rejected_with_a_reason(settings, worker, shared
     outcomes = {}
     for name, path in (("silence", silence), ("music", noise), ("two", two)):
         request_id = publish_enrollment(publisher, f"spk-{name}", name, [path])
-        outcomes[name] = await_result(settings, "enrollment.results", request_id, 60)
+        outcomes[name] = await_result(settings, ENROLLMENT_RESULTS, request_id, 60)
     assert not outcomes["silence"]["accepted"] and "speech" in outcomes["silence"]["reason"]
     assert not outcomes["music"]["accepted"], outcomes["music"]
     assert not outcomes["two"]["accepted"] and "two voices" in outcomes["two"]["reason"]
     # the worker still enrolls good audio afterwards
     request_id = publish_enrollment(publisher, "ls-2609", "ok", [u.path for u in groups["ls-2609"][:3]])
-    ok = await_result(settings, "enrollment.results", request_id, 60)
+    ok = await_result(settings, ENROLLMENT_RESULTS, request_id, 60)
     assert ok["accepted"], ok["reason"]
     assert file_sample(two)["encoding"] == "WAV"

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import GALLERY
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # anchors and `<<` merges resolved
@@ -80,7 +81,7 @@ def environment(service: str) -> dict[str, str]:
 def expected_topics() -> dict[str, dict[str, str]]:
     """Topic name (without prefix) -> configs it must be created with."""
     try:
-        from speakerflow.streams.topics import TOPIC_SPECS
+        from speakerflow.streams.topology import TOPIC_SPECS
     except ImportError:
         # streams.topics (or confluent_kafka) is not importable: the list from the design instead.
         return {
@@ -353,7 +354,7 @@ def test_kafka_init_follows_the_settings(tmp_path: Path) -> None:
     # The app sees the same values.
     app = {k: str(v) for k, v in interpolate(SERVICES["worker"]["environment"], env).items()}
     settings = Settings.from_env(app)
-    assert settings.topic("gallery") == "acme.gallery"
+    assert settings.topic(GALLERY) == "acme.gallery"
     assert (settings.partitions, settings.replication_factor) == (48, 3)
 
 

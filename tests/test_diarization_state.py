@@ -15,7 +15,7 @@ from speakerflow.schemas import codec
 from speakerflow.streams.client import play_audio
 from speakerflow.streams.runtime import Metrics, Publisher
 from speakerflow.streams.stages.diarize import DiarizeProcessor
-from speakerflow.streams.topics import create_topics
+from speakerflow.streams.topology import AUDIO, create_topics
 
 pytestmark = pytest.mark.integration
 BATCH = 8
@@ -36,7 +36,7 @@ class RecordingPublisher(Publisher):
 
 def _audio_messages(settings, count_eos: int = 1) -> list:
     consumer = Consumer(settings.consumer_config(f"{settings.group_prefix}-test-reader"))
-    consumer.subscribe([settings.topic("audio")])
+    consumer.subscribe([settings.topic(AUDIO)])
     messages, ends = [], 0
     try:
         for _ in range(600):

@@ -13,6 +13,7 @@ import pytest
 from speakerflow.evaluation.scenario import STRANGER, librispeech_scenario
 from speakerflow.streams.client import await_result, follow, play_audio, publish_enrollment, wait_for
 from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.topology import ENROLLMENT_RESULTS, SEGMENTS_IDENTIFIED, STREAMS
 from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -30,7 +31,7 @@ def test_identifies_enrolled_speakers_and_flags_a_stranger(settings, database_ur
         publisher = Publisher(settings)
         for speaker_id, files in scenario.enrollments.items():
             request_id = publish_enrollment(publisher, speaker_id, f"name-{speaker_id}", files)
-            result = await_result(settings, "enrollment.results", request_id, 120)
+            result = await_result(settings, ENROLLMENT_RESULTS, request_id, 120)
             assert result["accepted"], result["reason"]
         deadline = time.monotonic() + 30
         while len(worker.gallery) < 3 and time.monotonic() < deadline:
@@ -40,16 +41,14 @@ def test_identifies_enrolled_speakers_and_flags_a_stranger(settings, database_ur
         play_audio(publisher, "call-1", scenario.audio, chunk_s=0.5, realtime=False)
         ended = wait_for(
             settings,
-            settings.topic("streams"),
+            settings.topic(STREAMS),
             "StreamEvent",
             lambda e: e["stream_id"] == "call-1" and e["event"] == "ENDED",
             timeout_s=180,
         )
         assert ended["revision"] == 1 and ended["segments"] > 0  # the end-of-stream re-clustering
         finals: dict[str, dict] = {}
-        for seg in follow(
-            settings, settings.topic("segments.identified"), "IdentifiedSegment", timeout_s=120
-        ):
+        for seg in follow(settings, settings.topic(SEGMENTS_IDENTIFIED), "IdentifiedSegment", timeout_s=120):
             if seg["is_final"] and seg["revision"] == ended["revision"]:
                 finals[seg["segment_id"]] = seg  # a later record of a segment corrects the earlier one
             if len(finals) == ended["segments"]:

@@ -14,6 +14,7 @@ from speakerflow.gallery.voiceprint import Voiceprint
 from speakerflow.streams.cli import main
 from speakerflow.streams.client import await_result, publish_enrollment
 from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.topology import ENROLLMENT_RESULTS
 from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ def test_speakers_and_gallery_commands(settings, ge2e, shared_data, monkeypatch,
         request_id = publish_enrollment(
             Publisher(settings), SPEAKER, "Speaker 3080", [u.path for u in groups[SPEAKER][:3]]
         )
-        result = await_result(settings, "enrollment.results", request_id, 60)
+        result = await_result(settings, ENROLLMENT_RESULTS, request_id, 60)
         assert result["accepted"], result["reason"]
         _eventually(lambda: SPEAKER in worker.gallery, 30)
 

@@ -16,6 +16,7 @@ import pytest
 from speakerflow.evaluation.corpus import by_speaker, load_audio, load_manifest
 from speakerflow.streams.client import await_record, await_result, publish_enrollment, read_gallery_snapshot
 from speakerflow.streams.runtime import Publisher, now_ms
+from speakerflow.streams.topology import ENROLLMENT_RESULTS, SEGMENTS_DIARIZED, SEGMENTS_IDENTIFIED
 from speakerflow.streams.worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -55,11 +56,11 @@ def _identify_through_kafka(settings, publisher: Publisher, ge2e, audio) -> dict
         "source_capture_ts_ms": now_ms(),
         "emitted_at_ms": now_ms(),
     }
-    publisher.publish(settings.topic("segments.diarized"), stream_id, "DiarizedSegment", segment)
+    publisher.publish(settings.topic(SEGMENTS_DIARIZED), stream_id, "DiarizedSegment", segment)
     publisher.flush()
     return await_record(
         settings,
-        settings.topic("segments.identified"),
+        settings.topic(SEGMENTS_IDENTIFIED),
         "IdentifiedSegment",
         lambda s: s["segment_id"] == segment["segment_id"],
         timeout_s=30,
@@ -68,7 +69,7 @@ def _identify_through_kafka(settings, publisher: Publisher, ge2e, audio) -> dict
 
 def _enroll(settings, publisher: Publisher, speaker_id: str, files: list) -> None:
     request_id = publish_enrollment(publisher, speaker_id, f"name-{speaker_id}", files)
-    result = await_result(settings, "enrollment.results", request_id, 60)
+    result = await_result(settings, ENROLLMENT_RESULTS, request_id, 60)
     assert result["accepted"], result["reason"]
 
 
@@ -91,7 +92,7 @@ def test_deleted_speaker_leaves_matcher_database_and_identification(
         assert before["speaker_id"] == DELETED, before
 
         request_id = publish_enrollment(publisher, DELETED, "", [], mode="DELETE")
-        result = await_result(settings, "enrollment.results", request_id, 30)
+        result = await_result(settings, ENROLLMENT_RESULTS, request_id, 30)
         assert result["accepted"] and result["reason"] == "deleted"
         # ... the matcher drops it within seconds, the database row goes, the other speaker stays ...
         _eventually(lambda: DELETED not in worker.gallery, 10)

@@ -23,7 +23,7 @@ from speakerflow.streams.client import await_result, follow, play_audio, publish
 from speakerflow.streams.database import migrate
 from speakerflow.streams.runtime import Publisher
 from speakerflow.streams.settings import Settings
-from speakerflow.streams.topics import TOPIC_SPECS, create_topics
+from speakerflow.streams.topology import ENROLLMENT_RESULTS, SEGMENTS_IDENTIFIED, TOPIC_SPECS, create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def private_postgres():
 def publish_final_segments(settings: Settings, streams: range) -> dict[tuple[str, int], dict]:
     """Final segments of the given streams; returns them by (segment_id, revision)."""
     publisher = Publisher(settings)
-    topic = settings.topic("segments.identified")
+    topic = settings.topic(SEGMENTS_IDENTIFIED)
     published = {}
     for index in range(SEGMENTS_PER_STREAM):
         for stream in streams:
@@ -153,12 +153,12 @@ def gallery_size(metrics_port: int) -> float | None:
 
 def enroll(settings: Settings, speaker_id: str, files: list[Path]) -> dict:
     request_id = publish_enrollment(Publisher(settings), speaker_id, speaker_id, files)
-    return await_result(settings, "enrollment.results", request_id, 60)
+    return await_result(settings, ENROLLMENT_RESULTS, request_id, 60)
 
 
 def named_in_stream(settings: Settings, stream_id: str, speaker_id: str, timeout_s: float) -> bool:
     """Whether an identified segment of the stream names `speaker_id` within `timeout_s`."""
-    topic = settings.topic("segments.identified")
+    topic = settings.topic(SEGMENTS_IDENTIFIED)
     for record in follow(settings, topic, "IdentifiedSegment", timeout_s=timeout_s):
         if record["stream_id"] == stream_id and record["speaker_id"] == speaker_id:
             return True

@@ -12,6 +12,7 @@ from processes import start_worker, wait_until
 
 from speakerflow.streams.database import migrate
 from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.topology import GALLERY, SEGMENTS_IDENTIFIED
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ def publish_segments(settings) -> dict[tuple[str, int], dict]:
 
     Returns what the table must equal: the last record of each (segment_id, revision)."""
     publisher = Publisher(settings)
-    topic = settings.topic("segments.identified")
+    topic = settings.topic(SEGMENTS_IDENTIFIED)
     expected = {}
     for index in range(SEGMENTS_PER_STREAM):
         for stream in range(STREAMS):
@@ -85,7 +86,7 @@ def assert_rows_match(rows: dict[tuple[str, int], tuple], expected: dict[tuple[s
 
 
 def test_kill_9_mid_stream_then_restart_leaves_table_equal_to_topic(settings, database_url, tmp_path):
-    from speakerflow.streams.topics import create_topics
+    from speakerflow.streams.topology import create_topics
 
     create_topics(settings)
     migrate(database_url)
@@ -114,7 +115,7 @@ def test_kill_9_mid_stream_then_restart_leaves_table_equal_to_topic(settings, da
 
 def test_sink_waits_out_a_database_outage(settings, database_url, pg_server, tmp_path):
     """The database refuses connections for a while: the sink retries, commits nothing, loses nothing."""
-    from speakerflow.streams.topics import create_topics
+    from speakerflow.streams.topology import create_topics
 
     create_topics(settings)
     migrate(database_url)
@@ -139,7 +140,7 @@ def test_sink_waits_out_a_database_outage(settings, database_url, pg_server, tmp
 def test_deleting_a_speaker_erases_voiceprint_embeddings_and_identity(settings, database_url):
     from speakerflow.streams.metrics import Metrics
     from speakerflow.streams.stages.sink import PostgresSink
-    from speakerflow.streams.topics import create_topics
+    from speakerflow.streams.topology import create_topics
 
     create_topics(settings)
     migrate(database_url)
@@ -155,10 +156,10 @@ def test_deleting_a_speaker_erases_voiceprint_embeddings_and_identity(settings, 
         "updated_at_ms": 1_700_000_000_000,
         "metadata": {},
     }
-    publisher.publish(settings.topic("gallery"), "ada", "Voiceprint", voiceprint)
+    publisher.publish(settings.topic(GALLERY), "ada", "Voiceprint", voiceprint)
     for index in range(4):
         publisher.publish(
-            settings.topic("segments.identified"), "s0", "IdentifiedSegment", segment(0, index, 0, True)
+            settings.topic(SEGMENTS_IDENTIFIED), "s0", "IdentifiedSegment", segment(0, index, 0, True)
         )  # every 4th names Ada; all list her as a candidate
     publisher.flush()
     sink = PostgresSink(settings, database_url, publisher, Metrics())
@@ -171,7 +172,7 @@ def test_deleting_a_speaker_erases_voiceprint_embeddings_and_identity(settings, 
 
         assert wait_until(lambda: count("SELECT count(*) FROM segments") == 4, 60)
         assert count("SELECT count(*) FROM speaker_embeddings WHERE speaker_id = 'ada'") == 1
-        publisher.publish(settings.topic("gallery"), "ada", "Voiceprint", None)  # tombstone
+        publisher.publish(settings.topic(GALLERY), "ada", "Voiceprint", None)  # tombstone
         publisher.flush()
         assert wait_until(lambda: count("SELECT count(*) FROM speakers") == 0, 60)
     finally:

@@ -55,7 +55,7 @@ from speakerflow.streams.database import scratch_database
 from speakerflow.streams.runtime import Publisher
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.stages.diarize import DiarizerStateStore
-from speakerflow.streams.topics import create_topics
+from speakerflow.streams.topology import AUDIO, STREAMS, create_topics, stage
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ def _voiceprints(ge2e, calls: list[Call], sources: dict[str, list]) -> list[Voic
 def _publish(settings: Settings, calls: list[Call], start: dict[str, int], stop: dict[str, int]) -> None:
     """Chunks [start, stop) of every call, interleaved as concurrent calls arrive."""
     publisher = Publisher(settings)
-    topic = settings.topic("audio")
+    topic = settings.topic(AUDIO)
     parts = [call.chunks[start[call.stream_id] : stop[call.stream_id]] for call in calls]
     for i in range(max(len(p) for p in parts)):
         for call, chunks in zip(calls, parts, strict=True):
@@ -161,7 +161,7 @@ def _ended(settings: Settings, stream_ids: list[str], timeout_s: float) -> dict[
     ended: dict[str, dict] = {}
     for event in follow(
         settings,
-        settings.topic("streams"),
+        settings.topic(STREAMS),
         "StreamEvent",
         timeout_s=timeout_s,
         stop=lambda: len(ended) == len(stream_ids),
@@ -177,13 +177,8 @@ def _drained(settings: Settings, roles: tuple[str, ...] = ("diarize", "match", "
     """Every stage has committed all of its input: nothing is in flight any more. Checked in pipeline
     order, and a stage flushes its outputs before committing, so a later stage's end offsets already
     include everything the earlier one will ever send."""
-    stages = {
-        "diarize": ("audio",),
-        "match": ("segments.diarized",),
-        "sink": ("segments.identified", "streams"),
-    }
     for role in roles:
-        topics = stages[role]
+        topics = stage(role).consumes
         consumer = Consumer(settings.consumer_config(settings.group(role)))  # reads offsets, never joins
         try:
             partitions = [

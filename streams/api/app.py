@@ -33,6 +33,15 @@ from speakerflow.streams.client import pcm_sample
 from speakerflow.streams.hub import ResultHub
 from speakerflow.streams.runtime import Publisher, now_ms
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import (
+    AUDIO,
+    ENROLLMENT_REQUESTS,
+    ENROLLMENT_RESULTS,
+    SEGMENTS_IDENTIFIED,
+    STREAMS,
+    VERIFICATION_REQUESTS,
+    VERIFICATION_RESULTS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +178,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             "requested_at_ms": now_ms(),
         }
         result = await gw.request_reply(
-            "enrollment.requests", "enrollment.results", speaker_id, "EnrollmentRequest", record, request_id
+            ENROLLMENT_REQUESTS, ENROLLMENT_RESULTS, speaker_id, "EnrollmentRequest", record, request_id
         )
         if not result["accepted"]:
             raise ApiError(422, "enrollment_rejected", result["reason"] or "rejected")
@@ -212,7 +221,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             "requested_at_ms": now_ms(),
         }
         await gw.request_reply(
-            "enrollment.requests", "enrollment.results", speaker_id, "EnrollmentRequest", record, request_id
+            ENROLLMENT_REQUESTS, ENROLLMENT_RESULTS, speaker_id, "EnrollmentRequest", record, request_id
         )
         return ok({"speaker_id": speaker_id, "deleted": True})
 
@@ -228,8 +237,8 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             "requested_at_ms": now_ms(),
         }
         result = await gw.request_reply(
-            "verification.requests",
-            "verification.results",
+            VERIFICATION_REQUESTS,
+            VERIFICATION_RESULTS,
             request_id,
             "VerificationRequest",
             record,
@@ -267,8 +276,8 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
 
     async def run_job(job_id: str, audio: np.ndarray, export: bool) -> list[dict]:
         with (
-            gw.hub.subscribe("segments.identified", job_id) as updates,
-            gw.hub.subscribe("streams", job_id, updates),
+            gw.hub.subscribe(SEGMENTS_IDENTIFIED, job_id) as updates,
+            gw.hub.subscribe(STREAMS, job_id, updates),
         ):
             await asyncio.to_thread(_publish_audio, gw, job_id, audio)
             deadline = time.monotonic() + gw.settings.api_timeout_s + len(audio) / SAMPLE_RATE
@@ -362,7 +371,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             return
         await ws.accept()
         session = LiveSession(gw, stream_id, int(ws.query_params.get("sample_rate", SAMPLE_RATE)))
-        with gw.hub.subscribe("segments.identified", stream_id) as segments:
+        with gw.hub.subscribe(SEGMENTS_IDENTIFIED, stream_id) as segments:
             forward = asyncio.create_task(_forward_segments(ws, segments))
             try:
                 await session.receive_all(ws)
@@ -430,7 +439,7 @@ class LiveSession:
             "end_of_stream": end,
             "metadata": {"source": "websocket"},
         }
-        self.gw.publisher.publish(self.gw.topic("audio"), self.stream_id, "AudioChunk", record)
+        self.gw.publisher.publish(self.gw.topic(AUDIO), self.stream_id, "AudioChunk", record)
         self.gw.publisher.poll()
         self.seq += 1
 

@@ -13,6 +13,7 @@ from confluent_kafka import KafkaException
 from speakerflow.streams.cli import bench, diarize, evaluate, loadtest, speakers
 from speakerflow.streams.logs import setup_logging
 from speakerflow.streams.settings import Settings, config_table
+from speakerflow.streams.topology import ENROLLMENT_RESULTS, SEGMENTS_IDENTIFIED
 
 
 def _settings() -> Settings:
@@ -38,7 +39,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from speakerflow.streams.topics import create_topics
+    from speakerflow.streams.topology import create_topics
 
     created = create_topics(_settings())
     print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
@@ -119,7 +120,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     print(f"enrollment request {request_id} for {speaker_id} published")
     if args.wait <= 0:
         return 0
-    result = await_result(settings, "enrollment.results", request_id, args.wait)
+    result = await_result(settings, ENROLLMENT_RESULTS, request_id, args.wait)
     if result["accepted"]:
         print(f"accepted: {result['speech_seconds']:.1f} s of speech, quality {result['quality']:.2f}")
         return 0
@@ -146,7 +147,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     try:
         for seg in follow(
             settings,
-            settings.topic("segments.identified"),
+            settings.topic(SEGMENTS_IDENTIFIED),
             "IdentifiedSegment",
             from_beginning=args.from_beginning,
         ):

@@ -13,6 +13,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from speakerflow.streams.topology import (
+    ENROLLMENT_REQUESTS,
+    ENROLLMENT_RESULTS,
+    GALLERY,
+    VERIFICATION_REQUESTS,
+    VERIFICATION_RESULTS,
+)
+
 
 def subcommand_group(
     sub: argparse._SubParsersAction, name: str, help_text: str
@@ -105,7 +113,7 @@ def cmd_speakers_delete(args: argparse.Namespace) -> int:
     print(f"deletion request {request_id} for {args.speaker_id} published")
     if args.wait <= 0:
         return 0
-    result = await_result(settings, "enrollment.results", request_id, args.wait)
+    result = await_result(settings, ENROLLMENT_RESULTS, request_id, args.wait)
     if not result["accepted"]:
         print(f"refused: {result['reason']}", file=sys.stderr)
         return 1
@@ -126,7 +134,7 @@ def cmd_speakers_verify(args: argparse.Namespace) -> int:
         print(f"error: {file} is not a file", file=sys.stderr)
         return 2
     request_id = publish_verification(Publisher(settings), args.speaker_id, file)
-    result = await_result(settings, "verification.results", request_id, args.wait)
+    result = await_result(settings, VERIFICATION_RESULTS, request_id, args.wait)
     if args.json:
         print(json.dumps(result))
     if result["error"]:
@@ -438,8 +446,8 @@ def _enroll_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
     from speakerflow.streams.runtime import Publisher
 
     samples, speakers = _bench_samples(settings, speech_s, count)
-    arrivals = _Arrivals(settings, [settings.topic("gallery")])
-    results = _Arrivals(settings, [settings.topic("enrollment.results")])
+    arrivals = _Arrivals(settings, [settings.topic(GALLERY)])
+    results = _Arrivals(settings, [settings.topic(ENROLLMENT_RESULTS)])
     publisher = Publisher(settings)
     latencies, worker_ms, durations, refused = [], [], [], []
     try:
@@ -456,7 +464,7 @@ def _enroll_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
                 "requested_at_ms": now_ms(),
             }
             started = time.perf_counter()
-            publisher.publish(settings.topic("enrollment.requests"), speaker_id, "EnrollmentRequest", record)
+            publisher.publish(settings.topic(ENROLLMENT_REQUESTS), speaker_id, "EnrollmentRequest", record)
             publisher.flush()
             result = codec.decode("EnrollmentResult", results.wait(speaker_id, 60)[1])
             if not result["accepted"]:
@@ -486,7 +494,7 @@ def _verify_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
     target = sorted(groups)[0]
     publisher = Publisher(settings)
     request_id = publish_enrollment(publisher, target, target, [u.path for u in groups[target][:4]])
-    await_result(settings, "enrollment.results", request_id, 60)
+    await_result(settings, ENROLLMENT_RESULTS, request_id, 60)
     deadline = time.monotonic() + 30
     while target not in worker.gallery and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -495,7 +503,7 @@ def _verify_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
         for speaker, utterances in sorted(groups.items())
         for u in (utterances[4:] if speaker == target else utterances[:2])
     ]
-    arrivals = _Arrivals(settings, [settings.topic("verification.results")])
+    arrivals = _Arrivals(settings, [settings.topic(VERIFICATION_RESULTS)])
     latencies, worker_ms, right = [], [], 0
     try:
         for i in range(count):
@@ -508,7 +516,7 @@ def _verify_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
             }
             started = time.perf_counter()
             publisher.publish(
-                settings.topic("verification.requests"), record["request_id"], "VerificationRequest", record
+                settings.topic(VERIFICATION_REQUESTS), record["request_id"], "VerificationRequest", record
             )
             publisher.flush()
             arrived, value = arrivals.wait(record["request_id"], 60)

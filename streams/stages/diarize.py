@@ -46,6 +46,7 @@ from speakerflow.streams.runtime import (
 )
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.stages.diarize_state import DiarizerStateStore
+from speakerflow.streams.topology import AUDIO, SEGMENTS_DIARIZED, STREAMS, stage
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class StreamState:
 
 class DiarizeProcessor(Processor):
     role = "diarize"
-    topics = ("audio",)
+    topics = stage("diarize").consumes
     max_batch = 256
 
     def __init__(self, settings: Settings, embedder: Embedder, metrics: Metrics) -> None:
@@ -111,7 +112,7 @@ class DiarizeProcessor(Processor):
         self.config = diarizer_config(settings)
         self.streams: dict[str, StreamState] = {}
         self.store = DiarizerStateStore(settings)
-        self._out_topic = settings.topic("segments.diarized")
+        self._out_topic = settings.topic(SEGMENTS_DIARIZED)
         self._publisher: Publisher | None = None
 
     # -- input -----------------------------------------------------------------------------------
@@ -243,7 +244,7 @@ class DiarizeProcessor(Processor):
             "reason": reason,
             "metadata": {},
         }
-        publisher.publish(self.settings.topic("streams"), state.stream_id, "StreamEvent", record)
+        publisher.publish(self.settings.topic(STREAMS), state.stream_id, "StreamEvent", record)
 
     # -- recovery after a restart or a rebalance ---------------------------------------------------
     def _recover(
@@ -373,7 +374,7 @@ class DiarizeProcessor(Processor):
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Hand streams over cleanly: snapshot them now, so the next owner replays nothing."""
-        lost = {p.partition for p in partitions if p.topic == self.settings.topic("audio")}
+        lost = {p.partition for p in partitions if p.topic == self.settings.topic(AUDIO)}
         leaving = [s for s in self.streams.values() if s.partition in lost]
         if leaving and self._publisher is not None:
             self._publisher.flush()

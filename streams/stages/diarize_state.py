@@ -13,11 +13,10 @@ from speakerflow.processors.embedding import Embedder
 from speakerflow.schemas import codec
 from speakerflow.streams.runtime import now_ms
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import DIARIZER_STATE
 
 if TYPE_CHECKING:
     from speakerflow.streams.stages.diarize import StreamState
-
-STATE_TOPIC = "diarizer.state"
 
 
 class DiarizerStateStore:
@@ -26,7 +25,7 @@ class DiarizerStateStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.topic = settings.topic(STATE_TOPIC)
+        self.topic = settings.topic(DIARIZER_STATE)
         self._producer: Producer | None = None
         self._loaded: dict[int, dict[str, dict]] = {}  # partition -> key -> record (latest)
 

@@ -23,6 +23,7 @@ from speakerflow.gallery.matcher import Gallery
 from speakerflow.gallery.voiceprint import Voiceprint
 from speakerflow.schemas import codec
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import GALLERY
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class GalleryTable(threading.Thread):
     def run(self) -> None:
         consumer = Consumer(self.settings.consumer_config(None))
         admin = AdminClient(self.settings.kafka_common())
-        topic = self.settings.topic("gallery")
+        topic = self.settings.topic(GALLERY)
         try:
             topic_id = self._topic_id(admin, topic)
             targets = self._read_from_start(consumer, topic)

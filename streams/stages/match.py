@@ -15,6 +15,7 @@ from speakerflow.gallery.matcher import Emission, Gallery, Identification, Match
 from speakerflow.processors.scoring import Calibration
 from speakerflow.streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import SEGMENTS_IDENTIFIED, stage
 
 FORGET_AFTER_S = 3600.0  # evidence of a stream is dropped after this long without a segment
 _PASSED_THROUGH = (
@@ -47,14 +48,14 @@ def build_gallery_and_matcher(
 
 class MatchProcessor(Processor):
     role = "match"
-    topics = ("segments.diarized",)
+    topics = stage("match").consumes
     max_batch = 256
 
     def __init__(self, settings: Settings, matcher: Matcher, metrics: Metrics) -> None:
         self.settings = settings
         self.matcher = matcher
         self.metrics = metrics
-        self._out_topic = settings.topic("segments.identified")
+        self._out_topic = settings.topic(SEGMENTS_IDENTIFIED)
         self._last_seen: dict[str, float] = {}
 
     def handle(self, messages: list[Message], publisher: Publisher) -> None:

@@ -17,6 +17,7 @@ from speakerflow.processors.scoring import Calibration
 from speakerflow.processors.vad import speech_only
 from speakerflow.streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import ENROLLMENT_RESULTS, GALLERY, VERIFICATION_RESULTS, stage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def sample_audio(sample: dict) -> np.ndarray:
 
 class EnrollProcessor(Processor):
     role = "enroll"
-    topics = ("enrollment.requests",)
+    topics = stage("enroll").consumes
     max_batch = 8
 
     def __init__(
@@ -64,7 +65,7 @@ class EnrollProcessor(Processor):
 
     def _handle_request(self, request: dict, publisher: Publisher) -> None:
         speaker_id = request["speaker_id"]
-        gallery_topic = self.settings.topic("gallery")
+        gallery_topic = self.settings.topic(GALLERY)
         result = {
             "request_id": request["request_id"],
             "speaker_id": speaker_id,
@@ -113,13 +114,13 @@ class EnrollProcessor(Processor):
                 result["reason"] = str(exc)
                 self.metrics.inc("enrollment.rejected")
         result["processed_at_ms"] = now_ms()
-        publisher.publish(self.settings.topic("enrollment.results"), speaker_id, "EnrollmentResult", result)
+        publisher.publish(self.settings.topic(ENROLLMENT_RESULTS), speaker_id, "EnrollmentResult", result)
         log.info("enrollment %s (%s): %s", speaker_id, request["mode"], result["reason"] or "accepted")
 
 
 class VerifyProcessor(Processor):
     role = "verify"
-    topics = ("verification.requests",)
+    topics = stage("verify").consumes
     max_batch = 32
 
     def __init__(
@@ -143,7 +144,7 @@ class VerifyProcessor(Processor):
                 continue
             result = self._verify(request)
             publisher.publish(
-                self.settings.topic("verification.results"),
+                self.settings.topic(VERIFICATION_RESULTS),
                 request["request_id"],
                 "VerificationResult",
                 result,

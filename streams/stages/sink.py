@@ -21,6 +21,7 @@ from speakerflow.schemas import codec
 from speakerflow.streams.database import migrate
 from speakerflow.streams.runtime import Metrics, Publisher, send_to_dead_letter
 from speakerflow.streams.settings import Settings
+from speakerflow.streams.topology import GALLERY, STREAMS, stage
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def stream_params(e: dict) -> dict:
 
 class PostgresSink(threading.Thread):
     role = "sink"
+    topics = stage("sink").consumes
 
     def __init__(
         self,
@@ -155,9 +157,8 @@ class PostgresSink(threading.Thread):
         self.max_batch = settings.sink_batch_size
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
-        self._segments_topic = settings.topic("segments.identified")
-        self._gallery_topic = settings.topic("gallery")
-        self._streams_topic = settings.topic("streams")
+        self._gallery_topic = settings.topic(GALLERY)
+        self._streams_topic = settings.topic(STREAMS)
         self._conn: psycopg.Connection | None = None
 
     def run(self) -> None:
@@ -165,7 +166,7 @@ class PostgresSink(threading.Thread):
         try:
             # The schema first (the database may still be starting): nothing is consumed before it exists.
             self._retry(lambda: migrate(self.database_url))
-            consumer.subscribe([self._segments_topic, self._gallery_topic, self._streams_topic])
+            consumer.subscribe([self.settings.topic(t) for t in self.topics])
             while not self.stopping.is_set():
                 messages = [m for m in consumer.consume(self.max_batch, timeout=0.2) if m.error() is None]
                 if not messages:
