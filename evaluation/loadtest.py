@@ -24,13 +24,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Consumer, TopicPartition
 
 from speakerflow.evaluation.scenario import librispeech_scenario
 from speakerflow.schemas import codec
 from speakerflow.streams.broker import broker_for_run
-from speakerflow.streams.client import pcm_chunk
-from speakerflow.streams.runtime import Publisher, consume_available, now_ms
+from speakerflow.streams.records import pcm_chunk
+from speakerflow.streams.runtime import Publisher, TopicReader, consume_available, group_consumer, now_ms
 from speakerflow.streams.settings import REPO_ROOT, Settings
 from speakerflow.streams.topology import AUDIO, DEADLETTER, SEGMENTS_IDENTIFIED, create_topics
 
@@ -122,8 +121,11 @@ class LatencyProbe(threading.Thread):
         self.started = time.monotonic()
 
     def run(self) -> None:
-        consumer = Consumer(self.settings.consumer_config(f"loadtest-probe-{uuid.uuid4().hex[:8]}"))
-        consumer.subscribe([self.settings.topic(SEGMENTS_IDENTIFIED)])
+        consumer = group_consumer(
+            self.settings,
+            f"loadtest-probe-{uuid.uuid4().hex[:8]}",
+            [self.settings.topic(SEGMENTS_IDENTIFIED)],
+        )
         news = SegmentNews()
         try:
             while not self.stopping.is_set():
@@ -181,8 +183,8 @@ def _proc_sample(pid: int) -> tuple[float, float]:
     return cpu, rss
 
 
-def _committed(consumer: Consumer, topic: str, partitions: int) -> int:
-    offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=5)
+def _committed(reader: TopicReader, topic: str, partitions: int) -> int:
+    offsets = reader.committed([(topic, p) for p in range(partitions)], timeout_s=5)
     return sum(max(tp.offset, 0) for tp in offsets)
 
 
@@ -198,7 +200,7 @@ def run_loadtest(
         probe = LatencyProbe(settings, f"load-{run_id}-")
         probe.start()
         player = Player(settings, audios, run_id)
-        lag_reader = Consumer(settings.consumer_config(settings.group("diarize")))
+        lag_reader = TopicReader(settings, settings.group("diarize"))
         samples = []
         cpu0, _ = _proc_samples(processes)
         t0 = time.monotonic()
@@ -253,11 +255,10 @@ def _summarise(streams, minutes, probe: LatencyProbe, samples, cpu0, dead) -> Lo
 
 
 def _dead_letters(settings: Settings) -> int:
-    consumer = Consumer(settings.consumer_config(f"loadtest-dlq-{uuid.uuid4().hex[:8]}"))
-    consumer.subscribe([settings.topic(DEADLETTER)])
+    consumer = group_consumer(settings, f"loadtest-dlq-{uuid.uuid4().hex[:8]}", [settings.topic(DEADLETTER)])
     count, quiet_since = 0, time.monotonic()
     while time.monotonic() - quiet_since < 3:
-        msgs = [m for m in consumer.consume(500, timeout=0.2) if m.error() is None]
+        msgs = [m for m in consume_available(consumer, 500, 0.2) if m.error() is None]
         count += len(msgs)
         if msgs:
             quiet_since = time.monotonic()

@@ -28,7 +28,7 @@ from speakerflow.streams import database
 from speakerflow.streams.broker import broker_for_run, free_port
 from speakerflow.streams.database import resolve_database_url
 from speakerflow.streams.metrics import Metrics
-from speakerflow.streams.runtime import Publisher, now_ms
+from speakerflow.streams.runtime import ProcessorThread, Publisher, now_ms
 from speakerflow.streams.settings import REPO_ROOT, Settings
 from speakerflow.streams.topology import SEGMENTS_IDENTIFIED, create_topics
 
@@ -125,7 +125,8 @@ def run_sink_bench(
 def _drain(settings: Settings, url: str, publisher: Publisher, expected: int, records: int) -> SinkResult:
     from speakerflow.streams.stages.sink import PostgresSink
 
-    sink = PostgresSink(settings, url, publisher, Metrics())
+    metrics = Metrics()
+    sink = ProcessorThread(PostgresSink(settings, url, metrics), settings, publisher, metrics)
     started = time.monotonic()
     sink.start()
     first_at = done_at = None

@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING
 
-from speakerflow.processors.audio import decode_file, encode_pcm
+from speakerflow.processors.audio import decode_file
 from speakerflow.schemas import codec
-from speakerflow.streams.runtime import Publisher, consume_available, now_ms
+from speakerflow.streams.records import enrollment_request, pcm_chunk, pcm_sample, verification_request
+from speakerflow.streams.runtime import Publisher, TopicReader, group_consumer, now_ms, read_compacted
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.topology import (
     AUDIO,
@@ -41,56 +42,14 @@ def file_sample(path: Path) -> dict:
     }
 
 
-def pcm_sample(samples: np.ndarray) -> dict:
-    """An AudioSample record carrying 16 kHz mono `samples` as PCM s16le."""
-    return {
-        "payload": encode_pcm(samples, "PCM_S16LE"),
-        "uri": None,
-        "encoding": "PCM_S16LE",
-        "sample_rate": SAMPLE_RATE,
-        "channels": 1,
-    }
-
-
-def pcm_chunk(
-    stream_id: str,
-    seq: int,
-    capture_ts_ms: int,
-    samples: np.ndarray,
-    end_of_stream: bool,
-    metadata: dict[str, str] | None = None,
-) -> dict:
-    """An AudioChunk record carrying 16 kHz mono `samples` as PCM s16le."""
-    return {
-        "stream_id": stream_id,
-        "seq": seq,
-        "capture_ts_ms": capture_ts_ms,
-        "sample_rate": SAMPLE_RATE,
-        "channels": 1,
-        "encoding": "PCM_S16LE",
-        "payload": encode_pcm(samples, "PCM_S16LE"),
-        "end_of_stream": end_of_stream,
-        "metadata": metadata or {},
-    }
-
-
 def publish_enrollment(
     publisher: Publisher, speaker_id: str, name: str, files: list[Path], mode: str = "ADD"
 ) -> str:
     """Publish an enrollment request; returns its request id."""
-    request_id = uuid.uuid4().hex
-    record = {
-        "request_id": request_id,
-        "speaker_id": speaker_id,
-        "name": name,
-        "mode": mode,
-        "samples": [file_sample(f) for f in files],
-        "metadata": {},
-        "requested_at_ms": now_ms(),
-    }
+    record = enrollment_request(speaker_id, name, mode, [file_sample(f) for f in files])
     publisher.publish(publisher.settings.topic(ENROLLMENT_REQUESTS), speaker_id, "EnrollmentRequest", record)
     publisher.flush()
-    return request_id
+    return record["request_id"]
 
 
 def play_audio(
@@ -142,10 +101,12 @@ def follow(
     stop: Callable[[], bool] | None = None,
 ) -> Iterator[dict]:
     """Decoded records of `topic` (full name) as they arrive, until `timeout_s` of total time or `stop()`."""
-    conf = settings.consumer_config(f"{settings.group_prefix}-follow-{uuid.uuid4().hex[:8]}")
-    conf["auto.offset.reset"] = "earliest" if from_beginning else "latest"
-    consumer = Consumer(conf)
-    consumer.subscribe([topic])
+    consumer = group_consumer(
+        settings,
+        f"{settings.group_prefix}-follow-{uuid.uuid4().hex[:8]}",
+        [topic],
+        offset_reset="earliest" if from_beginning else "latest",
+    )
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while (deadline is None or time.monotonic() < deadline) and not (stop and stop()):
@@ -170,23 +131,17 @@ def wait_for(
     raise TimeoutError(f"no matching {record_name} on {topic} within {timeout_s} s")
 
 
-# --- gallery helpers (issue 5) ---------------------------------------------------------------------
+# --- gallery helpers ---------------------------------------------------------------------
 
 
 def publish_verification(publisher: Publisher, speaker_id: str, file: Path) -> str:
     """Publish a 1:1 verification request ("is this `speaker_id`?"); returns its request id."""
-    request_id = uuid.uuid4().hex
-    record = {
-        "request_id": request_id,
-        "speaker_id": speaker_id,
-        "sample": file_sample(file),
-        "requested_at_ms": now_ms(),
-    }
+    record = verification_request(speaker_id, file_sample(file))
     publisher.publish(
-        publisher.settings.topic(VERIFICATION_REQUESTS), request_id, "VerificationRequest", record
+        publisher.settings.topic(VERIFICATION_REQUESTS), record["request_id"], "VerificationRequest", record
     )
     publisher.flush()
-    return request_id
+    return record["request_id"]
 
 
 def publish_voiceprints(publisher: Publisher, voiceprints: list) -> int:
@@ -207,40 +162,17 @@ def read_gallery_snapshot(settings: Settings, timeout_s: float = 30.0) -> dict:
     at the start, like the gallery table does on a worker's start; raises TimeoutError if that takes
     longer than `timeout_s`.
     """
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
     from speakerflow.gallery.voiceprint import Voiceprint
 
     topic = settings.topic(GALLERY)
-    consumer = Consumer(settings.consumer_config(None))
     speakers: dict = {}
-    try:
-        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if metadata is None or metadata.error is not None or not metadata.partitions:
-            return speakers
-        ends = {}
-        for p in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        deadline = time.monotonic() + timeout_s
-        while ends:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gallery topic {topic} not read to its end within {timeout_s} s")
-            for msg in consumer.consume(num_messages=1000, timeout=0.2):
-                if msg.error() is not None:
-                    continue
-                key = (msg.key() or b"").decode()
-                voiceprint = None if msg.value() is None else _voiceprint_or_none(Voiceprint, msg.value())
-                if voiceprint is not None:
-                    speakers[key] = voiceprint
-                elif msg.value() is None:  # tombstone; unreadable records are skipped like the table does
-                    speakers.pop(key, None)
-                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                    ends.pop(msg.partition(), None)
-    finally:
-        consumer.close()
+    for msg in read_compacted(settings, topic, timeout_s=timeout_s):
+        key = (msg.key() or b"").decode()
+        voiceprint = None if msg.value() is None else _voiceprint_or_none(Voiceprint, msg.value())
+        if voiceprint is not None:
+            speakers[key] = voiceprint
+        elif msg.value() is None:  # tombstone; unreadable records are skipped like the table does
+            speakers.pop(key, None)
     return speakers
 
 
@@ -270,16 +202,13 @@ def await_record(
 ) -> dict:
     """Like `wait_for`, but reads every partition of `topic` directly from the beginning instead of
     joining a consumer group, so it starts at once (a group join takes seconds)."""
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-    consumer = Consumer(settings.consumer_config(None))
     deadline = time.monotonic() + timeout_s
-    try:
-        metadata = consumer.list_topics(topic, timeout=max(timeout_s, 1.0)).topics[topic]
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
+    with TopicReader(settings) as reader:
+        partitions = reader.partitions(topic, timeout_s=max(timeout_s, 1.0)) or []
+        reader.assign([(topic, p, OFFSET_BEGINNING) for p in partitions])
         while time.monotonic() < deadline:
-            for msg in consume_available(consumer, 500, 0.05):
-                if msg.error() is not None or msg.value() is None:
+            for msg in reader.poll(500, 0.05):
+                if msg.value() is None:
                     continue
                 try:
                     record = codec.decode(record_name, msg.value())
@@ -287,6 +216,4 @@ def await_record(
                     continue
                 if predicate(record):
                     return record
-    finally:
-        consumer.close()
     raise TimeoutError(f"no matching {record_name} on {topic} within {timeout_s} s")

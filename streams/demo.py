@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import psycopg
 
+from speakerflow.streams import queries
 from speakerflow.streams.broker import start_embedded_broker
 from speakerflow.streams.client import await_result, follow, play_audio, publish_enrollment
 from speakerflow.streams.database import migrate, resolve_database_url
@@ -156,10 +157,8 @@ def _wait_for_final_labelling(url: str, stream_id: str, timeout_s: float = 30.0)
     last, stable_since = None, time.monotonic()
     while time.monotonic() < deadline:
         with psycopg.connect(url) as conn:
-            status = conn.execute("SELECT status FROM streams WHERE stream_id = %s", (stream_id,)).fetchone()
-            rows = conn.execute(
-                "SELECT count(*), max(written_at) FROM segments WHERE stream_id = %s", (stream_id,)
-            ).fetchone()
+            status = conn.execute(queries.STREAM_STATUS, (stream_id,)).fetchone()
+            rows = conn.execute(queries.STREAM_ROWS_WRITTEN, (stream_id,)).fetchone()
         if rows != last:
             last, stable_since = rows, time.monotonic()
         if status and status[0] == "DONE" and time.monotonic() - stable_since > 1.5:
@@ -170,11 +169,7 @@ def _wait_for_final_labelling(url: str, stream_id: str, timeout_s: float = 30.0)
 def _summarise(url: str, stream_id: str, embedded: bool) -> None:
     _wait_for_final_labelling(url, stream_id)
     with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT name, count(*), round(sum(end_s - start_s)::numeric, 1) FROM current_segments "
-            "WHERE stream_id = %s AND is_final GROUP BY name ORDER BY 3 DESC",
-            (stream_id,),
-        ).fetchall()
+        rows = conn.execute(queries.STREAM_SPEAKERS, (stream_id,)).fetchall()
     print(f"\n• PostgreSQL now holds the segments of {stream_id}:")
     for name, count, seconds in rows:
         print(f"    {name:<12} {count:3d} segments {seconds:6.1f} s")

@@ -15,10 +15,8 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from confluent_kafka import Consumer
-
 from speakerflow.schemas import codec
-from speakerflow.streams.runtime import consume_available
+from speakerflow.streams.runtime import consume_available, group_consumer
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.topology import (
     ENROLLMENT_RESULTS,
@@ -51,12 +49,15 @@ class ResultHub(threading.Thread):
         self._by_topic = {settings.topic(name): (name, *route) for name, route in ROUTES.items()}
 
     def run(self) -> None:
-        conf = self.settings.consumer_config(f"{self.settings.group_prefix}-gateway-{uuid.uuid4().hex[:8]}")
         # Only new results matter. The embedded broker reports wrong end offsets, so there the hub reads
         # from the beginning instead (the profile decides; records for nobody are dropped).
-        conf["auto.offset.reset"] = "earliest" if self.settings.embedded else "latest"
-        consumer = Consumer(conf)
-        consumer.subscribe(list(self._by_topic), on_assign=lambda *_: self.ready.set())
+        consumer = group_consumer(
+            self.settings,
+            f"{self.settings.group_prefix}-gateway-{uuid.uuid4().hex[:8]}",
+            list(self._by_topic),
+            offset_reset="earliest" if self.settings.embedded else "latest",
+            on_assign=lambda *_: self.ready.set(),
+        )
         try:
             while not self.stopping.is_set():
                 for msg in consume_available(consumer, 200, 0.1):

@@ -1,4 +1,6 @@
-"""The consume-process-produce loop every processor of a worker runs in its own thread.
+"""The Kafka plumbing in one place: the consume-process-produce loop every stage runs in its own thread,
+the producer they share, and the readers everything else uses (a group consumer, a reader that joins
+no group, a compacted-topic read from the start).
 
 Delivery is at-least-once: a batch's outputs are produced and flushed, and only then are its input
 offsets committed. A message that cannot be processed goes to the dead-letter topic with its
@@ -11,10 +13,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from speakerflow.schemas import codec
 from speakerflow.streams.metrics import Metrics
@@ -115,12 +125,108 @@ class Publisher:
         self.publish(self.settings.topic(DEADLETTER), msg.key(), "DeadLetter", record)
 
 
+# --------------------------------------------------------------------------------------------------
+# Readers: every other consumer of the project is one of these, so the Kafka plumbing lives here.
+# --------------------------------------------------------------------------------------------------
+
+
+def group_consumer(
+    settings: Settings,
+    group: str,
+    topics: list[str],
+    offset_reset: str = "",
+    on_assign: Callable[[Consumer, list[TopicPartition]], None] | None = None,
+    on_revoke: Callable[[Consumer, list[TopicPartition]], None] | None = None,
+) -> Consumer:
+    """A consumer subscribed to `topics` (full names) in consumer group `group` (full id);
+    `offset_reset` ("earliest"/"latest") overrides where a group without offsets starts."""
+    conf = settings.consumer_config(group)
+    if offset_reset:
+        conf["auto.offset.reset"] = offset_reset
+    consumer = Consumer(conf)
+    callbacks = {k: v for k, v in (("on_assign", on_assign), ("on_revoke", on_revoke)) if v is not None}
+    consumer.subscribe(topics, **callbacks)
+    return consumer
+
+
+class TopicReader:
+    """A consumer that joins no group and commits nothing: it reads the partitions it is given from
+    the offsets it is given (a compacted topic from its first record, a replay from an offset), and can
+    look up a group's committed offsets without joining it."""
+
+    def __init__(self, settings: Settings, group: str | None = None) -> None:
+        self.consumer = Consumer(settings.consumer_config(group))
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def partitions(self, topic: str, timeout_s: float = 10.0) -> list[int] | None:
+        """The topic's partition numbers, or None when it does not exist (or has none)."""
+        metadata = self.consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            return None
+        return list(metadata.partitions)
+
+    def watermarks(self, topic: str, partition: int, timeout_s: float = 10.0) -> tuple[int, int]:
+        """(first, end) offsets of one partition."""
+        return self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+
+    def assign(self, positions: list[tuple[str, int, int]]) -> None:
+        """Read (topic, partition, offset) from that offset on; OFFSET_BEGINNING for the first record."""
+        self.consumer.assign([TopicPartition(t, p, o) for t, p, o in positions])
+
+    def poll(self, max_messages: int = 500, timeout_s: float = 0.1) -> list[Message]:
+        """Up to `max_messages` records (errors dropped), waiting at most `timeout_s` for the first."""
+        return [m for m in consume_available(self.consumer, max_messages, timeout_s) if m.error() is None]
+
+    def committed(
+        self, group_partitions: list[tuple[str, int]], timeout_s: float = 10.0
+    ) -> list[TopicPartition]:
+        """The committed offsets of this reader's group (given at construction) for (topic, partition)s."""
+        return self.consumer.committed([TopicPartition(t, p) for t, p in group_partitions], timeout=timeout_s)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def read_compacted(
+    settings: Settings, topic: str, partitions: list[int] | None = None, timeout_s: float = 30.0
+) -> Iterator[Message]:
+    """Every record of `topic` (full name; only `partitions` if given) from the first one up to the end
+    offsets taken when the read starts, tombstones included: the caller folds them into the latest value
+    per key. Nothing when the topic does not exist; TimeoutError if the end is not reached in `timeout_s`."""
+    with TopicReader(settings) as reader:
+        existing = reader.partitions(topic)
+        if existing is None:
+            return
+        ends = {}
+        for p in existing if partitions is None else [p for p in partitions if p in existing]:
+            low, high = reader.watermarks(topic, p)
+            if high > low:
+                ends[p] = high
+        reader.assign([(topic, p, OFFSET_BEGINNING) for p in ends])
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic} not read to its end within {timeout_s} s")
+            for msg in reader.poll(1000, 0.2):
+                yield msg
+                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                    ends.pop(msg.partition(), None)
+
+
 class Processor:
     """One stage: subclasses set `role` and `topics` and implement `handle`."""
 
     role: str = ""
     topics: tuple[str, ...] = ()
     max_batch: int = 64
+
+    def open(self, stopping: threading.Event) -> None:
+        """Called in the stage's thread before it subscribes (`stopping` is set when it should stop)."""
 
     def handle(self, messages: list[Message], publisher: Publisher) -> None:
         raise NotImplementedError
@@ -152,10 +258,16 @@ class ProcessorThread(threading.Thread):
         self._lag_due = 0.0
 
     def run(self) -> None:
-        consumer = Consumer(self.settings.consumer_config(self.settings.group(self.processor.role)))
-        topics = [self.settings.topic(t) for t in self.processor.topics]
-        consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        consumer = None
         try:
+            self.processor.open(self.stopping)
+            consumer = group_consumer(
+                self.settings,
+                self.settings.group(self.processor.role),
+                [self.settings.topic(t) for t in self.processor.topics],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+            )
             while not self.stopping.is_set():
                 messages = consume_available(consumer, self.processor.max_batch, 0.1)
                 good = [m for m in messages if not self._is_error(m)]
@@ -170,7 +282,8 @@ class ProcessorThread(threading.Thread):
             self.failure = exc
             log.exception("processor %s failed", self.processor.role)
         finally:
-            consumer.close()  # revokes the partitions: stages hand their state over
+            if consumer is not None:
+                consumer.close()  # revokes the partitions: stages hand their state over
             self.processor.close()
 
     def _report_lag(self, consumer: Consumer) -> None:

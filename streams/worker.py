@@ -72,7 +72,7 @@ class Worker:
             )
             self.gallery_table = GalleryTable(settings, self.gallery)
         self.threads: list[ProcessorThread] = []
-        self.sink: PostgresSink | None = None
+        self.sink: ProcessorThread | None = None  # not waited for at start: the database may be down
 
     def _observe_batch(self, windows: int, seconds: float) -> None:
         self.metrics.batch_size.observe(windows)
@@ -101,7 +101,8 @@ class Worker:
                 thread.start()
                 self.threads.append(thread)
         if "sink" in self.roles:
-            self.sink = PostgresSink(self.settings, self.database_url, self.publisher, self.metrics)
+            sink = PostgresSink(self.settings, self.database_url, self.metrics)
+            self.sink = ProcessorThread(sink, self.settings, self.publisher, self.metrics)
             self.sink.start()
         deadline = time.monotonic() + ready_timeout_s
         for thread in self.threads:

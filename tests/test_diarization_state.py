@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer
 
 from speakerflow.evaluation.corpus import load_manifest
 from speakerflow.evaluation.simulation import SimulationConfig, simulate
 from speakerflow.schemas import codec
 from speakerflow.streams.client import play_audio
-from speakerflow.streams.runtime import Metrics, Publisher
+from speakerflow.streams.runtime import Metrics, Publisher, consume_available, group_consumer
 from speakerflow.streams.stages.diarize import DiarizeProcessor
 from speakerflow.streams.topology import AUDIO, create_topics
 
@@ -35,12 +34,11 @@ class RecordingPublisher(Publisher):
 
 
 def _audio_messages(settings, count_eos: int = 1) -> list:
-    consumer = Consumer(settings.consumer_config(f"{settings.group_prefix}-test-reader"))
-    consumer.subscribe([settings.topic(AUDIO)])
+    consumer = group_consumer(settings, f"{settings.group_prefix}-test-reader", [settings.topic(AUDIO)])
     messages, ends = [], 0
     try:
         for _ in range(600):
-            for msg in consumer.consume(500, timeout=0.1):
+            for msg in consume_available(consumer, 500, 0.1):
                 if msg.error() is None:
                     messages.append(msg)
                     ends += codec.decode("AudioChunk", msg.value())["end_of_stream"]

@@ -11,7 +11,7 @@ import pytest
 from processes import start_worker, wait_until
 
 from speakerflow.streams.database import migrate
-from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.runtime import ProcessorThread, Publisher
 from speakerflow.streams.topology import GALLERY, SEGMENTS_IDENTIFIED
 
 pytestmark = pytest.mark.integration
@@ -162,7 +162,8 @@ def test_deleting_a_speaker_erases_voiceprint_embeddings_and_identity(settings, 
             settings.topic(SEGMENTS_IDENTIFIED), "s0", "IdentifiedSegment", segment(0, index, 0, True)
         )  # every 4th names Ada; all list her as a candidate
     publisher.flush()
-    sink = PostgresSink(settings, database_url, publisher, Metrics())
+    metrics = Metrics()
+    sink = ProcessorThread(PostgresSink(settings, database_url, metrics), settings, publisher, metrics)
     sink.start()
     try:
 

@@ -44,15 +44,15 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from processes import start_worker, stop_process, wait_until
 
 from speakerflow.evaluation.corpus import load_audio, load_manifest
 from speakerflow.evaluation.simulation import SimulationConfig, simulate
 from speakerflow.gallery.voiceprint import Voiceprint
-from speakerflow.streams.client import follow, pcm_chunk, publish_voiceprints
+from speakerflow.streams.client import follow, publish_voiceprints
 from speakerflow.streams.database import scratch_database
-from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.records import pcm_chunk
+from speakerflow.streams.runtime import Publisher, TopicReader
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.stages.diarize import DiarizerStateStore
 from speakerflow.streams.topology import AUDIO, STREAMS, create_topics, stage
@@ -179,17 +179,12 @@ def _drained(settings: Settings, roles: tuple[str, ...] = ("diarize", "match", "
     include everything the earlier one will ever send."""
     for role in roles:
         topics = stage(role).consumes
-        consumer = Consumer(settings.consumer_config(settings.group(role)))  # reads offsets, never joins
-        try:
-            partitions = [
-                TopicPartition(settings.topic(t), p) for t in topics for p in range(settings.partitions)
-            ]
-            for tp in consumer.committed(partitions, timeout=10):
-                _, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+        with TopicReader(settings, settings.group(role)) as reader:  # reads offsets, never joins
+            partitions = [(settings.topic(t), p) for t in topics for p in range(settings.partitions)]
+            for tp in reader.committed(partitions):
+                _, high = reader.watermarks(tp.topic, tp.partition)
                 if high > 0 and tp.offset < high:
                     return False
-        finally:
-            consumer.close()
     return True
 
 

@@ -63,18 +63,15 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 def cmd_db_segments(args: argparse.Namespace) -> int:
     import psycopg
 
+    from speakerflow.streams import queries
     from speakerflow.streams.database import resolve_database_url
 
     settings = _settings()
     url, embedded = resolve_database_url(settings.database_url, settings.data_dir)
-    where, params = ("WHERE stream_id = %s", [args.stream]) if args.stream else ("", [])
+    params = [args.stream] if args.stream else []
     try:
         with psycopg.connect(url) as conn:
-            rows = conn.execute(
-                "SELECT stream_id, start_s, end_s, label, name, confidence, is_final, revision FROM segments "
-                f"{where} ORDER BY stream_id, start_s, revision LIMIT %s",
-                [*params, args.limit],
-            ).fetchall()
+            rows = conn.execute(queries.list_segments(args.stream), [*params, args.limit]).fetchall()
     finally:
         if embedded:
             embedded.stop()

@@ -339,13 +339,14 @@ class _Arrivals:
     def __init__(self, settings, topics: list[str]) -> None:
         import threading
 
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING
+
+        from speakerflow.streams.runtime import TopicReader
 
         # Assigned, not subscribed: readers of one process share a group id and would split partitions.
-        self._consumer = Consumer(settings.consumer_config(None))
-        metadata = self._consumer.list_topics(timeout=10).topics
-        self._consumer.assign(
-            [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in metadata[t].partitions]
+        self._reader = TopicReader(settings)
+        self._reader.assign(
+            [(t, p, OFFSET_BEGINNING) for t in topics for p in self._reader.partitions(t) or []]
         )
         self.seen: dict[str, tuple[float, bytes | None]] = {}
         self._events: dict[str, threading.Event] = {}
@@ -357,12 +358,8 @@ class _Arrivals:
     def _run(self) -> None:
         import time
 
-        from speakerflow.streams.runtime import consume_available
-
         while not self._stop.is_set():
-            for msg in consume_available(self._consumer, 100, 0.05):
-                if msg.error() is not None:
-                    continue
+            for msg in self._reader.poll(100, 0.05):
                 now = time.perf_counter()
                 key = (msg.key() or b"").decode()
                 with self._lock:
@@ -370,7 +367,7 @@ class _Arrivals:
                     event = self._events.get(key)
                 if event is not None:
                     event.set()
-        self._consumer.close()
+        self._reader.close()
 
     def wait(self, key: str, timeout_s: float) -> tuple[float, bytes | None]:
         import threading
@@ -442,7 +439,7 @@ def _enroll_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
     import time
 
     from speakerflow.schemas import codec
-    from speakerflow.streams.client import now_ms, pcm_sample
+    from speakerflow.streams.records import enrollment_request, pcm_sample
     from speakerflow.streams.runtime import Publisher
 
     samples, speakers = _bench_samples(settings, speech_s, count)
@@ -454,15 +451,7 @@ def _enroll_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
         for i in range(count):
             audio = samples[i % len(samples)]
             speaker_id = f"bench-{i:04d}-{speakers[i % len(samples)]}"
-            record = {
-                "request_id": f"req-{i}",
-                "speaker_id": speaker_id,
-                "name": speaker_id,
-                "mode": "REPLACE",
-                "samples": [pcm_sample(audio)],
-                "metadata": {},
-                "requested_at_ms": now_ms(),
-            }
+            record = enrollment_request(speaker_id, speaker_id, "REPLACE", [pcm_sample(audio)], f"req-{i}")
             started = time.perf_counter()
             publisher.publish(settings.topic(ENROLLMENT_REQUESTS), speaker_id, "EnrollmentRequest", record)
             publisher.flush()
@@ -487,7 +476,8 @@ def _verify_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
 
     from speakerflow.evaluation.corpus import by_speaker, load_audio, load_manifest
     from speakerflow.schemas import codec
-    from speakerflow.streams.client import await_result, now_ms, pcm_sample, publish_enrollment
+    from speakerflow.streams.client import await_result, publish_enrollment
+    from speakerflow.streams.records import pcm_sample, verification_request
     from speakerflow.streams.runtime import Publisher
 
     groups = by_speaker(load_manifest(settings.shared_data_dir), prefix="librispeech/test-other")
@@ -508,12 +498,7 @@ def _verify_requests(settings, worker, count: int, speech_s: float) -> tuple[lis
     try:
         for i in range(count):
             speaker, audio = crops[i % len(crops)]
-            record = {
-                "request_id": f"ver-{i}",
-                "speaker_id": target,
-                "sample": pcm_sample(audio),
-                "requested_at_ms": now_ms(),
-            }
+            record = verification_request(target, pcm_sample(audio), f"ver-{i}")
             started = time.perf_counter()
             publisher.publish(
                 settings.topic(VERIFICATION_REQUESTS), record["request_id"], "VerificationRequest", record

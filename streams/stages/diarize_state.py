@@ -3,20 +3,23 @@ read back when a worker takes over a stream it does not know (see the diarize st
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from speakerflow.processors.diarization import SNAPSHOT_FORMAT
 from speakerflow.processors.embedding import Embedder
 from speakerflow.schemas import codec
-from speakerflow.streams.runtime import now_ms
+from speakerflow.streams.runtime import TopicReader, now_ms, read_compacted
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.topology import DIARIZER_STATE
 
 if TYPE_CHECKING:
     from speakerflow.streams.stages.diarize import StreamState
+
+log = logging.getLogger(__name__)
 
 
 class DiarizerStateStore:
@@ -97,40 +100,28 @@ class DiarizerStateStore:
 
     def _read_partition(self, partition: int) -> dict[str, dict]:
         """Latest record per key of one state partition (tombstones remove keys)."""
-        consumer = Consumer(self.settings.consumer_config(None))
         records: dict[str, dict] = {}
         try:
-            if self.topic not in consumer.list_topics(self.topic, timeout=10).topics:
-                return records
-            _, end = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
-            consumer.assign([TopicPartition(self.topic, partition, OFFSET_BEGINNING)])
-            position = 0
-            deadline = time.monotonic() + 30
-            while position < end and time.monotonic() < deadline:
-                for msg in consumer.consume(500, timeout=0.2):
-                    if msg.error() is not None:
-                        continue
-                    position = msg.offset() + 1
-                    key = (msg.key() or b"").decode()
-                    if msg.value() is None:
-                        records.pop(key, None)
-                    else:
-                        records[key] = codec.decode("DiarizerState", msg.value())
-        finally:
-            consumer.close()
+            for msg in read_compacted(self.settings, self.topic, [partition], timeout_s=30):
+                key = (msg.key() or b"").decode()
+                if msg.value() is None:
+                    records.pop(key, None)
+                else:
+                    records[key] = codec.decode("DiarizerState", msg.value())
+        except TimeoutError as exc:  # restore what was read; the stream goes on from there
+            log.warning("diarizer state partition %d: %s", partition, exc)
         return records
 
     def replay(self, topic: str, partition: int, start: int, stop: int):
         """Audio chunks of one partition with offsets in [start, stop), decoded, in order."""
         if start >= stop:
             return
-        consumer = Consumer(self.settings.consumer_config(None))
-        try:
-            consumer.assign([TopicPartition(topic, partition, start)])
+        with TopicReader(self.settings) as reader:
+            reader.assign([(topic, partition, start)])
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                for msg in consumer.consume(500, timeout=0.2):
-                    if msg.error() is not None or msg.value() is None:
+                for msg in reader.poll(500, 0.2):
+                    if msg.value() is None:
                         continue
                     if msg.offset() >= stop:
                         return
@@ -140,5 +131,3 @@ class DiarizerStateStore:
                         continue  # it went to the dead-letter topic the first time
                     if msg.offset() + 1 >= stop:
                         return
-        finally:
-            consumer.close()

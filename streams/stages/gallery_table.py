@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient
 
 from speakerflow.gallery.matcher import Gallery
 from speakerflow.gallery.voiceprint import Voiceprint
 from speakerflow.schemas import codec
+from speakerflow.streams.runtime import TopicReader
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.topology import GALLERY
 
@@ -43,19 +44,18 @@ class GalleryTable(threading.Thread):
         self.applied = 0
 
     def run(self) -> None:
-        consumer = Consumer(self.settings.consumer_config(None))
+        reader = TopicReader(self.settings)
         admin = AdminClient(self.settings.kafka_common())
         topic = self.settings.topic(GALLERY)
         try:
             topic_id = self._topic_id(admin, topic)
-            targets = self._read_from_start(consumer, topic)
+            targets = self._read_from_start(reader, topic)
             positions = dict.fromkeys(targets, 0)
             next_check = time.monotonic() + self.TOPIC_CHECK_S
             while not self.stopping.is_set():
-                for msg in consumer.consume(num_messages=500, timeout=0.1):
-                    if msg.error() is None:
-                        self._apply(msg.key(), msg.value())
-                        positions[msg.partition()] = msg.offset() + 1
+                for msg in reader.poll(500, 0.1):
+                    self._apply(msg.key(), msg.value())
+                    positions[msg.partition()] = msg.offset() + 1
                 if not self.ready.is_set() and all(positions[p] >= end for p, end in targets.items()):
                     log.info("gallery table ready: %d voiceprints", len(self.gallery))
                     self.ready.set()
@@ -64,7 +64,7 @@ class GalleryTable(threading.Thread):
                     if current is not None and topic_id is not None and current != topic_id:
                         log.warning("gallery topic %s was created anew: rebuilding the table from it", topic)
                         self._forget_all()
-                        targets = self._read_from_start(consumer, topic)
+                        targets = self._read_from_start(reader, topic)
                         positions = dict.fromkeys(targets, 0)
                     topic_id = current or topic_id
                     next_check = time.monotonic() + self.TOPIC_CHECK_S
@@ -72,7 +72,7 @@ class GalleryTable(threading.Thread):
             log.exception("gallery table reader failed")
             raise
         finally:
-            consumer.close()
+            reader.close()
 
     @staticmethod
     def _topic_id(admin: AdminClient, topic: str) -> str | None:
@@ -85,13 +85,11 @@ class GalleryTable(threading.Thread):
         return None if set(topic_id) == {"A"} else topic_id  # all zeros: a broker without topic ids
 
     @staticmethod
-    def _read_from_start(consumer: Consumer, topic: str) -> dict[int, int]:
+    def _read_from_start(reader: TopicReader, topic: str) -> dict[int, int]:
         """Read every partition of the topic from its first record; returns each partition's end offset."""
-        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
-        }
+        partitions = reader.partitions(topic, timeout_s=30) or []
+        reader.assign([(topic, p, OFFSET_BEGINNING) for p in partitions])
+        return {p: reader.watermarks(topic, p)[1] for p in partitions}
 
     def _forget_all(self) -> None:
         for voiceprint in self.gallery.speakers():

@@ -1,0 +1,120 @@
+"""What every route of the gateway shares: the envelope, errors, settings, producer, result hub, database."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from fastapi import Request, UploadFile
+from fastapi.responses import JSONResponse
+from psycopg.rows import dict_row
+from starlette.exceptions import HTTPException
+
+from speakerflow.processors.audio import AudioDecodeError, decode_file
+from speakerflow.streams.hub import ResultHub
+from speakerflow.streams.runtime import Publisher
+from speakerflow.streams.settings import Settings
+
+SAMPLE_RATE = 16000
+AUDIO_TYPES = ("audio/", "application/octet-stream", "video/")  # video/* covers .mp4/.webm containers
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status_code=status, detail=message)
+        self.code = code
+
+
+def ok(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse({"success": True, "data": data, "error": None}, status_code=status)
+
+
+def fail(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"success": False, "data": None, "error": {"code": code, "message": message}}, status)
+
+
+class Gateway:
+    """What the endpoints share: settings, producer, result hub, database."""
+
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.publisher = Publisher(settings)
+        self.hub = ResultHub(settings)
+        self.export_dir = Path(settings.export_segments_dir or Path(settings.data_dir) / "exports")
+        self.api_keys = {k.strip() for k in settings.api_keys.split(",") if k.strip()}
+
+    def topic(self, name: str) -> str:
+        return self.settings.topic(name)
+
+    async def db(self, query: str, params: tuple | list = ()) -> list[dict]:
+        def run() -> list[dict]:
+            with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
+                return conn.execute(query, params).fetchall()
+
+        return await asyncio.to_thread(run)
+
+    async def read_audio(self, upload: UploadFile) -> np.ndarray:
+        """Checked upload -> 16 kHz mono float32, or a 4xx ApiError saying what is wrong."""
+        content_type = (upload.content_type or "application/octet-stream").lower()
+        if not content_type.startswith(AUDIO_TYPES):
+            raise ApiError(415, "unsupported_media_type", f"{upload.filename}: {content_type} is not audio")
+        limit = int(self.settings.api_max_upload_mb * 1024 * 1024)
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError(
+                413, "too_large", f"{upload.filename}: larger than {self.settings.api_max_upload_mb} MB"
+            )
+        try:
+            return await asyncio.to_thread(decode_file, data)
+        except AudioDecodeError as exc:
+            raise ApiError(422, "undecodable_audio", f"{upload.filename}: {exc}") from exc
+
+    async def request_reply(
+        self, request_topic: str, reply_topic: str, key: str, record_name: str, record: dict
+    ) -> dict:
+        """Publish `record` and wait for the record answering its request id on `reply_topic`."""
+        with self.hub.subscribe(reply_topic, record["request_id"]) as replies:
+            self.publisher.publish(self.topic(request_topic), key, record_name, record)
+            await asyncio.to_thread(self.publisher.flush)
+            try:
+                return await asyncio.wait_for(replies.get(), self.settings.api_timeout_s)
+            except TimeoutError as exc:
+                raise ApiError(504, "timeout", f"no result within {self.settings.api_timeout_s} s") from exc
+
+
+def gateway(request: Request) -> Gateway:
+    """The app's Gateway, for routes (`gw: Gateway = Depends(gateway)`)."""
+    return request.app.state.gateway
+
+
+def jsonable(row: dict) -> dict:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+
+def safe_name(name: str) -> str:
+    """A file name that cannot climb out of its folder."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".")
+
+
+SEGMENT_FIELDS = (
+    "segment_id",
+    "stream_id",
+    "label",
+    "speaker_id",
+    "name",
+    "start_s",
+    "end_s",
+    "confidence",
+    "score",
+    "is_final",
+    "revision",
+    "model_id",
+)
+
+
+def segment_json(s: dict) -> dict:
+    return {k: s[k] for k in SEGMENT_FIELDS}
