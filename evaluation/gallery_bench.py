@@ -16,6 +16,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -327,3 +328,31 @@ def _bench_hnsw(work: _Workload, truth_top1: list[str], m: int, ef_construction:
         sweep,
     )
     return _finish(result)
+
+
+def plot_gallery(report: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, rec) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = sorted({r["kind"] for size in report for r in size["results"]})
+    for kind in kinds:
+        points = [(s["size"], r) for s in report for r in s["results"] if r["kind"] == kind]
+        sizes = [p[0] for p in points]
+        lat.plot(sizes, [p[1]["single"]["p99_ms"] for p in points], marker="o", label=f"{kind} p99")
+        lat.plot(sizes, [p[1]["single"]["p50_ms"] for p in points], marker=".", ls="--", label=f"{kind} p50")
+        if kind != "exact":
+            rec.plot(sizes, [p[1]["recall_at_1"] for p in points], marker="o", label=kind)
+    for ax in (lat, rec):
+        ax.set_xscale("log")
+        ax.set_xlabel("voiceprints in the gallery")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    lat.set_yscale("log")
+    lat.set_ylabel("single-query latency (ms)")
+    rec.set_ylabel("recall@1 vs exact")
+    fig.suptitle("speakerflow bench gallery")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

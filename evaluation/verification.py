@@ -24,22 +24,20 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-import torch
 
 from speakerflow.evaluation.corpus import Utterance
 from speakerflow.evaluation.roc import equal_error_rate, error_rates, operating_thresholds
 from speakerflow.processors.audio import decode_file
 from speakerflow.processors.embedding import Embedder
-from speakerflow.processors.scoring import as_norm
-from speakerflow.processors.vad import VadConfig, speech_regions
+from speakerflow.processors.scoring import OPERATING_POINTS, as_norm
+from speakerflow.processors.vad import VadConfig, one_torch_thread, speech_regions
 
 SAMPLE_RATE = 16000
 FULL = "full"
@@ -87,19 +85,6 @@ def _source_of(path: Path, root: Path | str | None) -> str:
         except ValueError:
             pass
     return Path(path).parent.name
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run silero VAD on one intra-op thread: its per-frame calls are tiny, and on a busy 2-core
-    machine two threads spent ~10x longer synchronising than computing (measured: 30 s vs 2.8 s
-    for 27 s of audio). Embedding batches, which do gain from threads, run outside this block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def speech_of(samples: np.ndarray, vad: VadConfig | None = None) -> tuple[np.ndarray, bool]:
@@ -707,3 +692,29 @@ def corpus_summary(items: Sequence[Item]) -> dict[str, Any]:
         "single_utterance_speakers": halves,
         "items_by_source": dict(sorted(Counter(it.source for it in items).items())),
     }
+
+
+def identification_thresholds(
+    items: list[Item],
+    cache: EmbeddingCache,
+    embedder: Embedder,
+    configured: float,
+    calibration: dict[str, Any] | None,
+    manifest: Path,
+    progress: Progress = no_progress,
+) -> tuple[dict[str, float], np.ndarray]:
+    """The thresholds `eval identify` compares, and the items' embeddings: the configured one, the
+    calibration file's operating points, and (for reference, optimistic: same data) those fitted on this
+    manifest's own trials unless the calibration file was fitted on this manifest anyway."""
+    thresholds = {"configured": configured}
+    if calibration is not None:
+        known = [k for k in OPERATING_POINTS if k in calibration["thresholds"]]
+        thresholds |= {f"calibrated:{k}": calibration["thresholds"][k] for k in known}
+    embeddings = cache.embed(items, embedder, None, progress)
+    trials = build_trials(items)
+    scores = trial_scores(embeddings, embeddings, trials)
+    fitted_here = calibration is not None and calibration.get("manifest") == str(manifest.resolve())
+    if trials.target.any() and (~trials.target).any() and not fitted_here:
+        here = operating_thresholds(scores[trials.target], scores[~trials.target])
+        thresholds |= {f"fitted-here:{k}": v for k, v in here.items()}
+    return thresholds, embeddings

@@ -127,3 +127,13 @@ def _windows(speech: np.ndarray, window_s: float) -> list[np.ndarray]:
     if len(speech) <= size:
         return [speech]
     return [speech[i : i + size] for i in range(0, len(speech) - size + 1, size)]
+
+
+def score_files(embedder: Embedder, enrol: Sequence[np.ndarray], test: np.ndarray) -> float:
+    """Cosine score of `test` speech against a voiceprint of the `enrol` speech (no quality gates): the
+    files' embeddings weighted by their speech, as a gallery voiceprint weighs its samples."""
+    vectors = embedder.embed([*enrol, test])
+    weights = np.array([len(e) for e in enrol], np.float64)
+    voiceprint = (vectors[:-1] * weights[:, None]).sum(0)
+    voiceprint /= max(float(np.linalg.norm(voiceprint)), 1e-12)
+    return float(voiceprint @ vectors[-1])

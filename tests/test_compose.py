@@ -2,8 +2,8 @@
 
 The compose file cannot be run here, so these tests pin what would otherwise only fail at deploy time:
 the services and their wiring, that every variable handed to the app is a real setting of
-`streams.settings.Settings`, and that kafka-init creates exactly the topics the code uses (its script is
-run against a stub `kafka-topics.sh`).
+`speakerflow.streams.settings.Settings`, and that kafka-init creates exactly the topics the code uses (its
+script is run against a stub `kafka-topics.sh`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def expected_topics() -> dict[str, dict[str, str]]:
     try:
         from speakerflow.streams.topology import TOPIC_SPECS
     except ImportError:
-        # streams.topics (or confluent_kafka) is not importable: the list from the design instead.
+        # streams/topology.py (or confluent_kafka) is not importable: the list from the design instead.
         return {
             "audio": {"retention.ms": str(24 * 3600 * 1000)},
             "segments.diarized": {},

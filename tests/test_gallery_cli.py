@@ -65,12 +65,12 @@ def test_speakers_and_gallery_commands(settings, ge2e, shared_data, monkeypatch,
         assert _cli(capsys, "speakers", "show", "nobody")[0] == 1
 
         # 1:1 verification: the speaker's own held-out speech is accepted, someone else's rejected.
-        code, out = _cli(capsys, "speakers", "verify", SPEAKER, str(groups[SPEAKER][7].path))
+        code, out = _cli(capsys, "verify", "--speaker", SPEAKER, str(groups[SPEAKER][7].path))
         assert code == 0 and "ACCEPT" in out and ge2e.model_id in out, out
-        code, out = _cli(capsys, "speakers", "verify", SPEAKER, str(groups[OTHER][0].path), "--json")
+        code, out = _cli(capsys, "verify", "--speaker", SPEAKER, str(groups[OTHER][0].path), "--json")
         verdict = json.loads(out.splitlines()[0])
         assert code == 1 and not verdict["accepted"] and verdict["score"] < verdict["threshold"]
-        assert _cli(capsys, "speakers", "verify", "nobody", str(groups[OTHER][0].path))[0] == 2
+        assert _cli(capsys, "verify", "--speaker", "nobody", str(groups[OTHER][0].path))[0] == 2
 
         # Export, delete, import back: the speaker is recognised again from the imported vector.
         exported = tmp_path / "gallery.npz"
@@ -92,7 +92,7 @@ def test_speakers_and_gallery_commands(settings, ge2e, shared_data, monkeypatch,
         assert _cli(capsys, "gallery", "import", str(mixed))[0] == 2  # refuses to mix models
         assert _cli(capsys, "gallery", "import", str(exported))[0] == 0
         _eventually(lambda: SPEAKER in worker.gallery, 10)
-        code, out = _cli(capsys, "speakers", "verify", SPEAKER, str(groups[SPEAKER][7].path))
+        code, out = _cli(capsys, "verify", "--speaker", SPEAKER, str(groups[SPEAKER][7].path))
         assert code == 0 and "ACCEPT" in out
     finally:
         worker.stop()

@@ -17,7 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from speakerflow.streams.api import jobs, live, speakers
+import speakerflow.streams.api.jobs as jobs
+import speakerflow.streams.api.live as live
+import speakerflow.streams.api.speakers as speakers
 from speakerflow.streams.api.gateway import Gateway, fail, ok
 from speakerflow.streams.settings import Settings
 

@@ -31,26 +31,23 @@ from speakerflow.streams.topology import SEGMENTS_IDENTIFIED, STREAMS
 router = APIRouter()
 
 
-@router.post("/identify")
-async def identify(
-    request: Request,
-    file: UploadFile = File(...),
-    sync: bool = Form(True),
-    export_segments: bool = Form(False),
-    gw: Gateway = Depends(gateway),
-) -> JSONResponse:
-    return await submit(request, gw, "identify", file, sync, export_segments)
+def _upload_route(kind: str) -> None:
+    """POST /identify and POST /diarize: the same job, named after what the caller wants from it."""
+
+    async def endpoint(
+        request: Request,
+        file: UploadFile = File(...),
+        sync: bool = Form(True),
+        export_segments: bool = Form(False),
+        gw: Gateway = Depends(gateway),
+    ) -> JSONResponse:
+        return await submit(request, gw, kind, file, sync, export_segments)
+
+    router.post(f"/{kind}", name=kind)(endpoint)
 
 
-@router.post("/diarize")
-async def diarize(
-    request: Request,
-    file: UploadFile = File(...),
-    sync: bool = Form(True),
-    export_segments: bool = Form(False),
-    gw: Gateway = Depends(gateway),
-) -> JSONResponse:
-    return await submit(request, gw, "diarize", file, sync, export_segments)
+for _kind in ("identify", "diarize"):
+    _upload_route(_kind)
 
 
 @router.get("/jobs")

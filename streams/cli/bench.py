@@ -1,4 +1,8 @@
-"""`speakerflow` subcommands: bench embed, models download."""
+"""Tooling commands that measure speed: bench embed | sink | identify | gallery | enroll | verify | diarize.
+
+They parse, call speakerflow.evaluation (imported lazily, inside each command: the `[eval]` extra) and
+print.
+"""
 
 from __future__ import annotations
 
@@ -6,51 +10,23 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-# Groups such as `bench` are shared by several cli_<area> modules; this helper creates them once.
-from speakerflow.streams.cli.speakers import subcommand_group
+from speakerflow.streams.cli.common import embedder as configured_embedder
+from speakerflow.streams.cli.common import group
 
-# What each backend name runs; ECAPA backends share one checkpoint so the comparison is like for like.
-BACKENDS = {
-    "ge2e": "GE2E (Resemblyzer weights), batched partials",
-    "ecapa": "ECAPA-TDNN, speakerflow fast path (FastEcapa, fp32 on CPU / fp16 on CUDA)",
-    "ecapa-int8": "ECAPA-TDNN, fast path with int8 channel x channel layers (CPU)",
-    "ecapa-sb-batched": "ECAPA-TDNN, SpeechBrain encode_batch on the whole batch",
-    "ecapa-stock": "ECAPA-TDNN, SpeechBrain encode_batch called once per window (the peer)",
-}
+# Kept here so that `--help` needs no evaluation import; evaluation/embed_bench.py describes each one.
+BACKEND_NAMES = ("ge2e", "ecapa", "ecapa-int8", "ecapa-sb-batched", "ecapa-stock")
 DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64,128,256"
 _WIDTHS = (5, 10, 12, 8, 9, 9)  # table columns after the backend name
 
 
-@dataclass
-class BenchRow:
-    backend: str
-    batch_size: int
-    calls: int
-    windows_per_s: float
-    x_real_time: float  # seconds of audio embedded per second of compute
-    rtf: float  # compute seconds per second of audio
-    latency_ms_p50: float  # one embed call (one batch)
-    latency_ms_p99: float
-
-
-@dataclass
-class BackendInfo:
-    description: str
-    model_id: str
-    load_s: float
-    rows: list[BenchRow] = field(default_factory=list)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to the top-level parser."""
-    e = subcommand_group(sub, "bench", "benchmarks (figures, not tests)").add_parser(
+    bench = group(sub, "bench", "benchmarks (figures, not tests)")
+    e = bench.add_parser(
         "embed",
         help="embedding throughput and latency per backend and batch size, beside SpeechBrain's stock path",
         description="Windows/s, real-time factor and per-batch latency of each embedding backend at each "
@@ -58,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or --ecapa-path, else a VoxCeleb-size ECAPA-TDNN (1024 channels) with random weights.",
     )
     e.add_argument(
-        "--backends", default="ge2e,ecapa,ecapa-stock", help=f"comma-separated: {', '.join(BACKENDS)}"
+        "--backends", default="ge2e,ecapa,ecapa-stock", help=f"comma-separated: {', '.join(BACKEND_NAMES)}"
     )
     e.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help="comma-separated windows per call")
     e.add_argument("--seconds", type=float, default=2.0, help="window length in seconds")
@@ -73,7 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--plot", default=None, help="write windows/s against batch size to this PNG")
     e.set_defaults(func=cmd_bench_embed)
 
-    bench = subcommand_group(sub, "bench", "benchmarks (figures, not tests)")
     s = bench.add_parser(
         "sink",
         help="segments/s the PostgreSQL sink writes, draining a backlog on the segments topic",
@@ -103,18 +78,52 @@ def register(sub: argparse._SubParsersAction) -> None:
             help="start an embedded broker for the run, or use KAFKA_BOOTSTRAP_SERVERS",
         )
 
-    d = subcommand_group(sub, "models", "model weights").add_parser(
-        "download",
-        help="fetch speechbrain/spkrec-ecapa-voxceleb for the `ecapa` embedder (needs internet)",
+    q = bench.add_parser("gallery", help="gallery search: exact vs FAISS IVF, latency, memory, recall")
+    q.add_argument("--size", default="10000,100000,1000000", help="comma-separated gallery sizes")
+    q.add_argument("--dim", type=int, default=192)
+    q.add_argument("--queries", type=int, default=1000, help="queries for recall (latency uses 500)")
+    q.add_argument("--batch", type=int, default=64, help="queries per batched search")
+    q.add_argument("--hnsw", action="store_true", help="also measure FAISS HNSW, for comparison")
+    q.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest size to build HNSW for")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", default="", help="write the figures to this JSON file")
+    q.add_argument("--plot", default="", help="write latency and recall plots to this PNG")
+    q.set_defaults(func=cmd_bench_gallery)
+    for kind, speech_s, what in (
+        ("enroll", 10.0, "enrollment request -> voiceprint on the gallery topic"),
+        ("verify", 3.0, "verification request -> result"),
+    ):
+        q = bench.add_parser(kind, help=f"latency of {what} (embedded broker + in-process worker)")
+        q.add_argument("--requests", type=int, default=50)
+        q.add_argument("--speech-s", type=float, default=speech_s, help="seconds of speech per sample")
+        q.add_argument("--warmup", type=int, default=3)
+        q.add_argument("--json", default="")
+        q.set_defaults(func=cmd_bench_requests, kind=kind)
+
+    p = bench.add_parser(
+        "diarize", help="real-time factor of live diarization (VAD + windows + embedding + clustering)"
     )
-    d.add_argument("--target", default=None, help="directory (default: SPEAKERFLOW_DATA_DIR/models/ecapa)")
-    d.set_defaults(func=cmd_models_download)
+    p.add_argument("--manifest", required=True, help="corpus folder with multi-speaker files")
+    p.add_argument("--minutes", type=float, default=10.0, help="stop after this much audio")
+    p.add_argument("--chunk-s", type=float, default=0.5)
+    p.add_argument("--json", default="", help="write the figures here")
+    p.set_defaults(func=cmd_bench_diarize)
 
 
-# -- bench embed ------------------------------------------------------------------------------------
 def cmd_bench_embed(args: argparse.Namespace) -> int:
     import torch
 
+    from speakerflow.evaluation.embed_bench import (
+        BACKENDS,
+        BackendInfo,
+        load_backend,
+        machine,
+        measure,
+        plot,
+        random_ecapa,
+        speechlike_windows,
+        summary,
+    )
     from speakerflow.processors.embedding import EmbedderUnavailable
     from speakerflow.streams.settings import Settings
 
@@ -135,12 +144,12 @@ def cmd_bench_embed(args: argparse.Namespace) -> int:
     device = args.device or settings.device
     ecapa_path = args.ecapa_path or settings.embedding_model_path
     if any(b.startswith("ecapa") for b in backends) and not ecapa_path:
-        ecapa_path = str(_random_ecapa(Path(settings.data_dir), args.channels))
+        ecapa_path = str(random_ecapa(Path(settings.data_dir), args.channels))
 
-    windows = _windows(max(sizes), args.seconds)
+    windows = speechlike_windows(max(sizes), args.seconds)
     report: dict[str, Any] = {
         "device": device,
-        "machine": _machine(device),
+        "machine": machine(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "window_seconds": args.seconds,
@@ -150,25 +159,56 @@ def cmd_bench_embed(args: argparse.Namespace) -> int:
     loaded: dict[str, tuple[BackendInfo, Any]] = {}
     for backend in backends:
         try:
-            loaded[backend] = _load_backend(backend, device, ecapa_path)
+            loaded[backend] = load_backend(backend, device, ecapa_path)
         except EmbedderUnavailable as exc:  # e.g. int8 on CUDA: say so, measure the others
             print(f"{backend}: skipped ({exc})")
             continue
         info = loaded[backend][0]
         print(f"{backend}: {info.description}; model {info.model_id}; loaded in {info.load_s:.1f} s")
-    for row in _measure({b: embed for b, (_, embed) in loaded.items()}, windows, sizes, args):
+    for row in measure(
+        {b: embed for b, (_, embed) in loaded.items()}, windows, sizes, args.min_time, args.seconds
+    ):
         loaded[row.backend][0].rows.append(row)
     report["backends"] = {b: asdict(info) for b, (info, _) in loaded.items()}
-    report["summary"] = _summary(report["backends"])
+    report["summary"] = summary(report["backends"])
     _print_table(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        _plot(report, Path(args.plot))
+        plot(report, Path(args.plot))
         print(f"wrote {args.plot}")
     return 0
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    print(
+        f"\n{report['machine']}; torch {report['torch']}, {report['threads']} threads; "
+        f"{report['window_seconds']:g}-s windows"
+    )
+    header = ("backend", "batch", "windows/s", "x real time", "RTF", "p50 ms", "p99 ms")
+    print(f"{header[0]:<18} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], _WIDTHS, strict=True)))
+    for info in report["backends"].values():
+        for r in info["rows"]:
+            cells = (
+                f"{r['batch_size']}",
+                f"{r['windows_per_s']:.1f}",
+                f"{r['x_real_time']:.1f}",
+                f"{r['rtf']:.4f}",
+                f"{r['latency_ms_p50']:.1f}",
+                f"{r['latency_ms_p99']:.1f}",
+            )
+            print(f"{r['backend']:<18} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS, strict=True)))
+    print()
+    for name, s in report["summary"].items():
+        versus = (
+            f", {s['speedup_vs_stock']:.2f}x the stock per-window peer" if "speedup_vs_stock" in s else ""
+        )
+        print(
+            f"{name}: best {s['windows_per_s']:.1f} windows/s ({s['x_real_time']:.1f}x real time) "
+            f"at batch {s['best_batch_size']}{versus}"
+        )
 
 
 def cmd_bench_sink(args: argparse.Namespace) -> int:
@@ -214,221 +254,115 @@ def _service_settings(args: argparse.Namespace):
     return replace(settings, broker_profile="embedded") if args.broker == "embedded" else settings
 
 
-def _random_ecapa(data_dir: Path, channels: int) -> Path:
-    """The random-weight ECAPA checkpoint used for speed (built once, reused by later runs)."""
-    from speakerflow.evaluation.ecapa_checkpoint import build_random_ecapa_checkpoint
+def cmd_bench_gallery(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
 
-    directory = data_dir / "bench" / f"ecapa-random-{channels}"
-    if not (directory / "hyperparams.yaml").is_file():
-        print(f"building a random-weight ECAPA-TDNN ({channels} channels) in {directory}")
-        build_random_ecapa_checkpoint(directory, channels=channels, speakers=7205 if channels >= 1024 else 16)
-    return directory
-
-
-def _windows(count: int, seconds: float) -> list:
-    """`count` distinct speech-like windows (content does not change the cost of these models)."""
-    import torch
-
-    from speakerflow.evaluation.ecapa_checkpoint import synthetic_speechlike
-
-    wav = synthetic_speechlike(count, seconds, torch.Generator().manual_seed(0))
-    return [row.numpy().copy() for row in wav]
-
-
-def _load_backend(backend: str, device: str, ecapa_path: str):
-    from speakerflow.processors.embedding import EcapaEmbedder, Ge2eEmbedder
-
-    started = time.perf_counter()
-    if backend == "ge2e":
-        embedder = Ge2eEmbedder(device)
-        embed = embedder.embed
-    else:
-        embedder = EcapaEmbedder(ecapa_path, device, precision="int8" if backend == "ecapa-int8" else "auto")
-        embed = {
-            "ecapa": embedder.embed,
-            "ecapa-int8": embedder.embed,
-            "ecapa-sb-batched": lambda ws: _sb_batched(embedder, ws),
-            "ecapa-stock": embedder.embed_stock,
-        }[backend]
-    info = BackendInfo(BACKENDS[backend], embedder.model_id, time.perf_counter() - started)
-    return info, embed
-
-
-def _sb_batched(embedder, waveforms: list) -> Any:
-    """SpeechBrain's encode_batch on the whole (equal-length) batch at once: batching alone."""
-    import numpy as np
-    import torch
-
-    with torch.inference_mode():
-        out = embedder.classifier.encode_batch(torch.from_numpy(np.stack(waveforms)))
-    return out[:, 0].float().cpu().numpy()
-
-
-def _measure(
-    embeds: dict[str, Any], windows: list, sizes: list[int], args: argparse.Namespace
-) -> list[BenchRow]:
-    """Time every backend at every batch size, interleaved call by call.
-
-    Round-robin timing keeps the comparison fair on a shared machine: a burst of load from elsewhere
-    slows every backend of that batch size alike instead of whichever happened to be running.
-    """
-    import numpy as np
     from tqdm import tqdm
 
-    rows = []
-    for embed in embeds.values():
-        embed(windows[:1])  # first call: lazy initialisation
-    for size in tqdm(sizes, desc="batch sizes", unit="size", file=sys.stderr):
-        batch = windows[:size]
-        for name, embed in embeds.items():
-            if name != "ecapa-stock":
-                embed(batch)  # a new batch shape may need its own warm-up (kernels, buffers)
-        latencies: dict[str, list[float]] = {name: [] for name in embeds}
-        while pending := [n for n, t in latencies.items() if sum(t) < args.min_time or len(t) < 2]:
-            for name in pending:
-                started = time.perf_counter()
-                embeds[name](batch)
-                latencies[name].append(time.perf_counter() - started)
-        for name, times in latencies.items():
-            per_window = float(np.sum(times)) / (len(times) * size)
-            rows.append(
-                BenchRow(
-                    backend=name,
-                    batch_size=size,
-                    calls=len(times),
-                    windows_per_s=1.0 / per_window,
-                    x_real_time=args.seconds / per_window,
-                    rtf=per_window / args.seconds,
-                    latency_ms_p50=float(np.percentile(times, 50) * 1000),
-                    latency_ms_p99=float(np.percentile(times, 99) * 1000),
-                )
-            )
-    return rows
+    from speakerflow.evaluation.gallery_bench import bench_size, plot_gallery
 
-
-def _summary(backends: dict[str, dict]) -> dict[str, Any]:
-    """Best throughput per backend, and each ECAPA variant against the stock per-window peer."""
-    best = {
-        name: max(info["rows"], key=lambda r: r["windows_per_s"])
-        for name, info in backends.items()
-        if info["rows"]
-    }
-    summary: dict[str, Any] = {
-        name: {
-            "best_batch_size": r["batch_size"],
-            "windows_per_s": r["windows_per_s"],
-            "x_real_time": r["x_real_time"],
-        }
-        for name, r in best.items()
-    }
-    if "ecapa-stock" in best:
-        stock = best["ecapa-stock"]["windows_per_s"]
-        for name, r in best.items():
-            if name.startswith("ecapa") and name != "ecapa-stock":
-                summary[name]["speedup_vs_stock"] = r["windows_per_s"] / stock
-    return summary
-
-
-def _print_table(report: dict[str, Any]) -> None:
-    print(
-        f"\n{report['machine']}; torch {report['torch']}, {report['threads']} threads; "
-        f"{report['window_seconds']:g}-s windows"
-    )
-    header = ("backend", "batch", "windows/s", "x real time", "RTF", "p50 ms", "p99 ms")
-    print(f"{header[0]:<18} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], _WIDTHS, strict=True)))
-    for info in report["backends"].values():
-        for r in info["rows"]:
-            cells = (
-                f"{r['batch_size']}",
-                f"{r['windows_per_s']:.1f}",
-                f"{r['x_real_time']:.1f}",
-                f"{r['rtf']:.4f}",
-                f"{r['latency_ms_p50']:.1f}",
-                f"{r['latency_ms_p99']:.1f}",
-            )
-            print(f"{r['backend']:<18} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS, strict=True)))
-    print()
-    for name, s in report["summary"].items():
-        versus = (
-            f", {s['speedup_vs_stock']:.2f}x the stock per-window peer" if "speedup_vs_stock" in s else ""
+    sizes = [int(float(s)) for s in args.size.split(",") if s.strip()]
+    report = []
+    bar = tqdm(total=len(sizes), desc="gallery sizes", unit="size", file=sys.stderr)
+    for size in sizes:
+        result = bench_size(
+            size,
+            args.dim,
+            queries=args.queries,
+            batch=args.batch,
+            hnsw=args.hnsw and size <= args.hnsw_max,
+            seed=args.seed,
+            progress=lambda msg: bar.set_postfix_str(msg[:60]),
         )
-        print(
-            f"{name}: best {s['windows_per_s']:.1f} windows/s ({s['x_real_time']:.1f}x real time) "
-            f"at batch {s['best_batch_size']}{versus}"
-        )
-
-
-def _machine(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda:0"))
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
-
-
-def _plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, info in report["backends"].items():
-        xs = [r["batch_size"] for r in info["rows"]]
-        ax.plot(xs, [r["windows_per_s"] for r in info["rows"]], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("windows per call (batch size)")
-    ax.set_ylabel(f"{report['window_seconds']:g}-s windows per second")
-    ax.set_title(f"speakerflow bench embed: {report['machine']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# -- models download --------------------------------------------------------------------------------
-def cmd_models_download(args: argparse.Namespace) -> int:
-    from speakerflow.processors.embedding import ECAPA_HUB_ID, EcapaEmbedder, default_models_dir
-    from speakerflow.streams.settings import Settings
-
-    target = Path(args.target or Path(Settings.from_env().data_dir) / "models" / "ecapa").resolve()
-    print(f"fetching {ECAPA_HUB_ID} into {target} ...", flush=True)
-    try:
-        _fetch_hub_model(ECAPA_HUB_ID, target)
-        embedder = EcapaEmbedder(str(target), "cpu")
-    except Exception as exc:
-        print(
-            f"error: could not download {ECAPA_HUB_ID} ({type(exc).__name__}: {exc}).\n"
-            "This needs HTTPS access to huggingface.co. Without it, copy a downloaded model directory "
-            "(hyperparams.yaml, embedding_model.ckpt, mean_var_norm_emb.ckpt, classifier.ckpt, "
-            "label_encoder.txt) to this machine and set EMBEDDING_MODEL_PATH to it.",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"ok: {embedder.model_id}, {embedder.dim}-dim embeddings")
-    if target != default_models_dir():
-        print(f"use it with: export SPEAKERFLOW_EMBEDDER=ecapa EMBEDDING_MODEL_PATH={target}")
-    else:
-        print("use it with: export SPEAKERFLOW_EMBEDDER=ecapa")
+        bar.update(1)
+        report.append(asdict(result))
+        _print_gallery_result(result)
+    bar.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sizes": report}, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_gallery(report, Path(args.plot))
+        print(f"wrote {args.plot}")
     return 0
 
 
-def _fetch_hub_model(hub_id: str, target: Path) -> None:
-    """SpeechBrain's own fetching, copying real files (not cache symlinks) into `target`."""
-    from speechbrain.inference.speaker import EncoderClassifier
-    from speechbrain.utils.fetching import LocalStrategy
-
-    EncoderClassifier.from_hparams(
-        source=hub_id, savedir=str(target), download_only=True, local_strategy=LocalStrategy.COPY_SKIP_CACHE
+def _print_gallery_result(result) -> None:
+    print(
+        f"\n== {result.size:,} voiceprints x {result.dim} dims; {result.queries} queries "
+        f"(exact top-1 is the query's own speaker for {result.target_is_exact_top1:.1%})"
     )
+    print(
+        f"{'index':<38} {'build s':>8} {'mem MB':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'batch ms/q':>10} {'recall@1':>8}  params"
+    )
+    for r in result.results:
+        recall = "exact" if r.recall_at_1 is None else f"{r.recall_at_1:.4f}"
+        print(
+            f"{r.kind:<38} {r.build_s:>8.2f} {r.memory_mb:>8.0f} {r.single.p50_ms:>8.3f} "
+            f"{r.single.p99_ms:>8.3f} {r.batch_per_query_ms:>10.4f} {recall:>8}  {r.params}"
+        )
+        if r.update_ms is not None:
+            print(f"{'':<38} update {r.update_ms:.3f} ms, delete {r.delete_ms:.3f} ms (one speaker)")
+        for point in r.sweep:
+            knob = "nprobe" if "nprobe" in point else "ef_search"
+            print(
+                f"{'':<38} {knob} {point[knob]:>4}: recall@1 {point['recall_at_1']:.4f}, "
+                f"p50 {point['p50_ms']:.3f} ms, p99 {point['p99_ms']:.3f} ms"
+            )
+
+
+def cmd_bench_requests(args: argparse.Namespace) -> int:
+    from speakerflow.evaluation.request_bench import report_text, run_request_bench
+
+    report = run_request_bench(args.kind, args.requests, args.speech_s, args.warmup)
+    print(report_text(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_diarize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from speakerflow.evaluation.diarization import multi_speaker_items, run_stream
+    from speakerflow.processors.audio import decode_file
+    from speakerflow.streams.settings import Settings
+    from speakerflow.streams.stages.diarize import diarizer_config
+
+    config = diarizer_config(Settings.from_env())
+    embedder = configured_embedder("")
+    embedder.embed([decode_file(multi_speaker_items(args.manifest)[0].audio)[:32000]])  # warm-up
+    totals = dict.fromkeys(("vad", "embed", "cluster", "revise"), 0.0)
+    audio_s = 0.0
+    windows = 0
+    files = 0
+    for item in tqdm(multi_speaker_items(args.manifest), desc="files", unit="file"):
+        run = run_stream(decode_file(item.audio), config, embedder.embed, args.chunk_s)
+        for key, value in run.seconds.items():
+            totals[key] += value
+        audio_s += run.duration_s
+        windows += run.windows
+        files += 1
+        if audio_s >= args.minutes * 60:
+            break
+    live = totals["vad"] + totals["embed"] + totals["cluster"]
+    figures = {
+        "embedder": embedder.model_id,
+        "files": files,
+        "audio_s": round(audio_s, 1),
+        "windows": windows,
+        "seconds": {k: round(v, 3) for k, v in totals.items()},
+        "rtf_live": live / audio_s,
+        "rtf_by_step": {k: v / audio_s for k, v in totals.items()},
+        "rtf_with_revision": (live + totals["revise"]) / audio_s,
+    }
+    print(f"{files} files, {audio_s / 60:.1f} min of audio, {windows} windows ({embedder.model_id})")
+    for key in ("vad", "embed", "cluster", "revise"):
+        print(f"  {key:<8} {totals[key]:7.2f} s   RTF {totals[key] / audio_s:.4f}")
+    rtf = figures["rtf_live"]
+    print(f"live diarization RTF {rtf:.4f} (one core-second per {1 / rtf:.0f} s of audio)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0

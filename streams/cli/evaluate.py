@@ -1,8 +1,7 @@
-"""`speakerflow` subcommands: eval verify, eval identify, calibrate, verify.
+"""Tooling commands that measure the product: eval verify | identify | gallery | diarize, calibrate.
 
-Trials, items and the identification protocol are defined in `processors/evaluation.py`.
-`verify --enroll A... --test B` works offline from files (exit 0 accept, 1 reject, 2 error);
-`verify --speaker ID FILE` asks a worker over Kafka (the same as `speakers verify ID FILE`).
+They parse, call speakerflow.evaluation (imported lazily, inside each command: the `[eval]` extra) and
+print. Trials, items and the identification protocol are defined in evaluation/verification.py.
 """
 
 from __future__ import annotations
@@ -15,20 +14,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from speakerflow.streams.cli.common import embedder as configured_embedder
+from speakerflow.streams.cli.common import group
+from speakerflow.streams.cli.speakers import describe as _describe
+
 if TYPE_CHECKING:
-    from speakerflow.evaluation.verification import EmbeddingCache, Item
     from speakerflow.processors.embedding import Embedder
     from speakerflow.processors.scoring import Calibration
     from speakerflow.streams.settings import Settings
 
+DEFAULT_LATENCIES = "0.5,1,2,5"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's subcommands to the top-level parser."""
-    from speakerflow.streams.cli.speakers import (
-        subcommand_group,  # `eval` is shared with other cli_<area> modules
-    )
-
-    esub = subcommand_group(sub, "eval", "evaluations on a speech manifest")
+    esub = group(sub, "eval", "evaluations on a speech manifest (figures, not tests)")
 
     v = esub.add_parser("verify", help="EER, minDCF and error rates over all same/different-speaker trials")
     _corpus_arguments(v)
@@ -49,24 +48,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     _corpus_arguments(i)
     i.set_defaults(func=cmd_eval_identify)
 
+    q = esub.add_parser("gallery", help="identification in simulated conversations (enrolled + strangers)")
+    q.add_argument("--manifest", required=True, help="corpus folder (or its manifest.csv)")
+    q.add_argument("--embedder", default="", help="default: SPEAKERFLOW_EMBEDDER")
+    q.add_argument("--threshold", type=float, default=0.0, help="0: the model's default operating point")
+    q.add_argument("--strangers", type=float, default=0.25, help="share of speakers never enrolled")
+    q.add_argument("--min-enroll-s", type=float, default=4.0, help="enrollment speech gate for this eval")
+    q.add_argument("--no-revision", action="store_true", help="skip the end-of-stream revision labelling")
+    q.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: SPEAKERFLOW_TORCH_THREADS or 1)"
+    )
+    q.add_argument(
+        "--seed",
+        default="0",
+        help="speaker split seed; several (e.g. 1,2,3,4) run one evaluation each and add a pooled table",
+    )
+    q.add_argument("--json", default="")
+    q.set_defaults(func=cmd_eval_gallery)
+
+    p = esub.add_parser(
+        "diarize", help="DER/JER of live and revised diarization on a manifest's multi-speaker files"
+    )
+    p.add_argument("--manifest", required=True, help="corpus folder or its manifest.csv")
+    p.add_argument("--latency", default=DEFAULT_LATENCIES, help="live latencies to score (seconds)")
+    p.add_argument("--chunk-s", type=float, default=0.5, help="audio chunk length fed to the diarizer")
+    p.add_argument("--json", default="", help="write the full report (totals and per file) here")
+    p.add_argument("--plot", default="", help="folder for one timeline PNG per file")
+    p.add_argument("--baselines", action="store_true", help="also run the two baselines")
+    p.add_argument("--embedder", default="", help="embedder name (default: SPEAKERFLOW_EMBEDDER)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N files")
+    p.set_defaults(func=cmd_eval_diarize)
+
     c = sub.add_parser("calibrate", help="fit score calibration and thresholds for the embedder's model id")
     _corpus_arguments(c)
     c.add_argument("--crop", default="full", help="test-side crops whose trials are pooled (default full)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="", metavar="DIR", help="default: SPEAKERFLOW_CALIBRATION_DIR")
     c.set_defaults(func=cmd_calibrate)
-
-    f = sub.add_parser("verify", help="is the voice of --test the voice of --enroll? (offline, from files)")
-    f.add_argument("--enroll", nargs="+", metavar="FILE", help="audio of the claimed speaker")
-    f.add_argument("--test", metavar="FILE", help="audio to verify")
-    f.add_argument("--embedder", default="", help="default: SPEAKERFLOW_EMBEDDER")
-    f.add_argument("--json", action="store_true", help="print the result as JSON")
-    f.add_argument(
-        "--speaker", default="", help="instead: verify FILE against this enrolled speaker (= speakers verify)"
-    )
-    f.add_argument("file", nargs="?", help="with --speaker: the audio to verify")
-    f.add_argument("--wait", type=float, default=60.0, help="with --speaker: seconds to wait for the result")
-    f.set_defaults(func=cmd_verify)
 
 
 def _corpus_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,11 +93,6 @@ def _corpus_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="", metavar="OUT", help="write the summary as JSON here")
     p.add_argument("--no-vad", action="store_true", help="embed whole files instead of their speech")
     p.add_argument("--batch-size", type=int, default=32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Shared plumbing
-# --------------------------------------------------------------------------------------------------
 
 
 def _progress(items: Iterable[Any], desc: str = "", total: int = 0) -> Iterable[Any]:
@@ -94,19 +107,6 @@ def _settings() -> Settings:
     return Settings.from_env()
 
 
-def _load_embedder(settings: Settings, name: str) -> Embedder:
-    from speakerflow.processors.embedding import load_embedder
-
-    return load_embedder(name or settings.embedder, settings.device, settings.embedding_model_path)
-
-
-def _apply_threads(settings: Settings) -> None:
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-
-
 def _calibration(settings: Settings, model_id: str) -> Calibration:
     from speakerflow.processors.scoring import default_calibration
 
@@ -115,14 +115,9 @@ def _calibration(settings: Settings, model_id: str) -> Calibration:
     )
 
 
-def _describe(cal: Calibration) -> str:
-    where = "family default" if cal.source == "default" else cal.source
-    return f"{cal.threshold:.4f} (operating point {cal.operating_point}, {where})"
-
-
 def _corpus(
     args: argparse.Namespace, settings: Settings
-) -> tuple[Path, list[Item], EmbeddingCache, Embedder]:
+) -> tuple[Path, list, Any, Embedder]:  # folder, items, embedding cache, embedder
     from speakerflow.evaluation.corpus import load_manifest
     from speakerflow.evaluation.verification import EmbeddingCache, SpeechStore, build_items
 
@@ -131,8 +126,7 @@ def _corpus(
     items = build_items(load_manifest(folder), folder)
     if not items:
         raise SystemExit(f"error: {folder / 'manifest.csv'} has no single-speaker rows")
-    _apply_threads(settings)
-    embedder = _load_embedder(settings, args.embedder)
+    embedder = configured_embedder(args.embedder)
     store = SpeechStore(use_vad=not args.no_vad)
     store.load([it.path for it in items], _progress)
     return (
@@ -162,11 +156,6 @@ def _json_default(value: Any) -> Any:
 
 def _pct(value: float | None) -> str:
     return "    n/a" if value is None else f"{100 * value:6.2f} %"
-
-
-# --------------------------------------------------------------------------------------------------
-# eval verify
-# --------------------------------------------------------------------------------------------------
 
 
 def cmd_eval_verify(args: argparse.Namespace) -> int:
@@ -251,41 +240,24 @@ def _print_row(name: str, entry: dict[str, Any], note: str = "") -> None:
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# eval identify
-# --------------------------------------------------------------------------------------------------
-
-
 def cmd_eval_identify(args: argparse.Namespace) -> int:
-    from speakerflow.evaluation.roc import operating_thresholds
     from speakerflow.evaluation.verification import (
-        build_trials,
         corpus_summary,
         cross_fitted_open_set,
         evaluate_identification,
         identification_split,
-        trial_scores,
+        identification_thresholds,
     )
-    from speakerflow.processors.scoring import OPERATING_POINTS, load_calibration
+    from speakerflow.processors.scoring import load_calibration
 
     started = time.monotonic()
     settings = _settings()
     folder, items, cache, embedder = _corpus(args, settings)
     cal = _calibration(settings, embedder.model_id)
-    thresholds = {"configured": cal.threshold}
     record = load_calibration(settings.calibration_path, embedder.model_id)
-    if record is not None:
-        known = [k for k in OPERATING_POINTS if k in record["thresholds"]]
-        thresholds |= {f"calibrated:{k}": record["thresholds"][k] for k in known}
-    # Thresholds fitted on this very manifest's trials: optimistic (same data), shown for reference
-    # unless the calibration file was fitted on this manifest anyway.
-    embeddings = cache.embed(items, embedder, None, _progress)
-    trials = build_trials(items)
-    scores = trial_scores(embeddings, embeddings, trials)
-    fitted_here = record is not None and record.get("manifest") == str(folder.resolve())
-    if trials.target.any() and (~trials.target).any() and not fitted_here:
-        here = operating_thresholds(scores[trials.target], scores[~trials.target])
-        thresholds |= {f"fitted-here:{k}": v for k, v in here.items()}
+    thresholds, embeddings = identification_thresholds(
+        items, cache, embedder, cal.threshold, record, folder, _progress
+    )
     report = evaluate_identification(items, cache, embedder, thresholds, "configured", _progress)
     report["cross_fitted"] = cross_fitted_open_set(items, embeddings, identification_split(items))
     corpus = corpus_summary(items)
@@ -335,11 +307,6 @@ def cmd_eval_identify(args: argparse.Namespace) -> int:
     }
     _write_json(args.json, summary)
     return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# calibrate
-# --------------------------------------------------------------------------------------------------
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -399,71 +366,167 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------------
-# verify (offline)
-# --------------------------------------------------------------------------------------------------
+def cmd_eval_gallery(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
 
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    if args.speaker:
-        return _verify_enrolled(args)
-    if not args.enroll or not args.test:
-        print("error: give --enroll FILE... and --test FILE (or --speaker ID FILE)", file=sys.stderr)
-        return 2
-    import numpy as np
-
-    from speakerflow.evaluation.verification import one_torch_thread
-    from speakerflow.processors.audio import AudioDecodeError, decode_file
-    from speakerflow.streams.stages.requests import speech_or_error
+    from speakerflow.evaluation.gallery import DEFAULT_VARIANTS, EvalConfig, evaluate, pool_scores
+    from speakerflow.processors.embedding import load_embedder
+    from speakerflow.processors.scoring import default_calibration
 
     settings = _settings()
-    _apply_threads(settings)
-    embedder = _load_embedder(settings, args.embedder)
+    # Small per-chunk model calls gain nothing from more intra-op threads and pay for waking them
+    # (measured on a busy 2-core machine, 15 s of audio: 1.3 s on one thread, 18-60 s on two).
+    torch.set_num_threads(args.threads or settings.torch_threads or 1)
+    embedder = load_embedder(
+        args.embedder or settings.embedder, settings.device, settings.embedding_model_path
+    )
+    calibration = default_calibration(embedder.model_id, args.threshold or settings.match_threshold)
     try:
-        with one_torch_thread():
-            enrol = [speech_or_error(decode_file(Path(f))) for f in args.enroll]
-            test = speech_or_error(decode_file(Path(args.test)))
-    except AudioDecodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        seeds = [int(part) for part in str(args.seed).split(",") if part.strip()]
+    except ValueError:
+        print(f"error: --seed wants integers separated by commas, got {args.seed!r}", file=sys.stderr)
         return 2
-    vectors = embedder.embed([*enrol, test])
-    # The voiceprint weighs each file by its speech, as gallery enrollment does.
-    weights = np.array([len(e) for e in enrol], np.float64)
-    voiceprint = (vectors[:-1] * weights[:, None]).sum(0)
-    voiceprint /= max(float(np.linalg.norm(voiceprint)), 1e-12)
-    score = float(voiceprint @ vectors[-1])
-    cal = _calibration(settings, embedder.model_id)
-    result = {
-        "decision": "accept" if cal.accepts(score) else "reject",
-        "score": round(score, 4),
-        "confidence": round(cal.confidence(score), 4),
-        "threshold": round(cal.threshold, 4),
-        "operating_point": cal.operating_point,
-        "calibration": cal.source,
-        "model_id": embedder.model_id,
-        "enroll_speech_s": round(float(weights.sum()) / 16000, 2),
-        "test_speech_s": round(len(test) / 16000, 2),
-    }
-    code = 0 if result["decision"] == "accept" else 1  # as `speakers verify`: scripts can test it
+    reports = []
+    for seed in seeds:
+        config = EvalConfig(stranger_share=args.strangers, min_enroll_speech_s=args.min_enroll_s, seed=seed)
+        bar = tqdm(desc=f"conversations (seed {seed})", unit="conv", file=sys.stderr)
+
+        def on_conversation(done: int, total: int, bar=bar) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = evaluate(
+            args.manifest,
+            embedder,
+            calibration,
+            config,
+            DEFAULT_VARIANTS,
+            revision=not args.no_revision,
+            progress=lambda msg: print(msg, file=sys.stderr),
+            conversation_progress=on_conversation,
+        )
+        bar.close()
+        print(f"\n== seed {seed}")
+        _print_eval(report)
+        reports.append(report)
+    pooled = pool_scores(reports) if len(reports) > 1 else []
+    if pooled:
+        _print_pooled(seeds, pooled)
     if args.json:
-        print(json.dumps(result))
-        return code
-    verdict = "same speaker" if result["decision"] == "accept" else "different speaker"
-    print(f"decision:   {result['decision'].upper()} ({verdict})")
-    print(f"score:      {score:.4f} (cosine, {embedder.model_id})")
-    print(f"confidence: {result['confidence']:.3f}")
-    print(f"threshold:  {_describe(cal)}")
-    print(f"speech:     enroll {result['enroll_speech_s']:.1f} s, test {result['test_speech_s']:.1f} s")
-    return code
+        document = (
+            reports[0].to_json()
+            if len(reports) == 1
+            else {"seeds": seeds, "reports": [r.to_json() for r in reports], "pooled": pooled}
+        )
+        Path(args.json).write_text(json.dumps(document, indent=2))
+        print(f"wrote {args.json}")
+    return 0
 
 
-def _verify_enrolled(args: argparse.Namespace) -> int:
-    # Against an enrolled speaker the request goes through the verification topic to a worker; that
-    # client is `speakers verify ID FILE` (streams/cli_gallery.py), which this form calls.
-    from speakerflow.streams.cli.speakers import cmd_speakers_verify
+def _print_pooled(seeds: list[int], pooled: list[dict]) -> None:
+    print(f"\n== pooled over seeds {', '.join(map(str, seeds))} (time-weighted)")
+    print(
+        f"{'matcher':<26} {'labels':<9} {'enrolled ok':>11} {'wrong name':>10} {'UNKNOWN':>8} "
+        f"{'stranger UNK':>12}"
+    )
+    for p in pooled:
+        print(
+            f"{p['variant']:<26} {p['labelling']:<9} {p['enrolled_correct']:>11.2%} "
+            f"{p['enrolled_wrong_name']:>10.2%} {p['enrolled_unknown']:>8.2%} {p['stranger_unknown']:>12.2%}"
+        )
 
-    if not args.file or args.enroll or args.test:
-        print("error: with --speaker give exactly one audio FILE (and no --enroll/--test)", file=sys.stderr)
+
+def _print_eval(report) -> None:
+    print(
+        f"\n{report.speakers} speakers: {report.enrolled} enrolled, {report.strangers} not enrolled; "
+        f"{report.conversations} conversations, {report.audio_s / 60:.1f} min audio "
+        f"({report.speech_s / 60:.1f} min speech); model {report.model_id}, threshold {report.threshold}"
+    )
+    refused = {s: r for s, r in report.not_enrolled.items() if r.startswith("enrollment refused")}
+    for speaker, reason in refused.items():
+        print(f"  {speaker}: {reason}")
+    print(
+        f"\n{'matcher':<26} {'labels':<9} {'enrolled ok':>11} {'wrong name':>10} {'UNKNOWN':>8} "
+        f"{'stranger UNK':>12} {'segments ok':>11} {'enrolled segs ok':>16} {'first emit ok':>13} "
+        f"{'relabels':>8}"
+    )
+    for s in report.scores:
+        print(
+            f"{s.variant:<26} {s.labelling:<9} {s.enrolled_correct:>11.2%} {s.enrolled_wrong_name:>10.2%} "
+            f"{s.enrolled_unknown:>8.2%} {s.stranger_unknown:>12.2%} {s.segment_accuracy:>11.2%} "
+            f"{s.enrolled_segment_accuracy:>16.2%} "
+            f"{s.first_emission_enrolled_correct:>13.2%} {s.relabelled_segments:>8}"
+        )
+    print(f"compute: {report.seconds}")
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:5.1f}"
+
+
+def print_totals(totals: dict[str, dict], out=sys.stdout) -> None:
+    print(
+        f"{'labelling':<18} {'DER':>6} {'miss':>5} {'FA':>5} {'conf':>5} | {'DER c0':>6} | "
+        f"{'JER':>6} | {'count ok':>8}  (collar 0.25 s unless c0; %)",
+        file=out,
+    )
+    for name, t in totals.items():
+        print(
+            f"{name:<18} {_percent(t['der@0.25'])} {_percent(t['missed@0.25'])} "
+            f"{_percent(t['false_alarm@0.25'])} {_percent(t['confusion@0.25'])} | {_percent(t['der@0.0'])} | "
+            f"{_percent(t['jer@0.25'])} | {_percent(t['count_exact'])}",
+            file=out,
+        )
+
+
+def cmd_eval_diarize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from speakerflow.evaluation.diarization import Scorer, evaluate_item, multi_speaker_items, plot_timeline
+    from speakerflow.streams.settings import Settings
+    from speakerflow.streams.stages.diarize import diarizer_config
+
+    items = multi_speaker_items(args.manifest)
+    if args.limit:
+        items = items[: args.limit]
+    if not items:
+        print(f"error: no speaker=multi rows with an RTTM in {args.manifest}", file=sys.stderr)
         return 2
-    args.speaker_id = args.speaker
-    return cmd_speakers_verify(args)
+    latencies = tuple(float(x) for x in args.latency.split(",") if x.strip())
+    config = diarizer_config(Settings.from_env())
+    embedder = configured_embedder(args.embedder)
+    scorer = Scorer()
+    plot_dir = Path(args.plot) if args.plot else None
+    if plot_dir:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    audio_s = 0.0
+    for item in tqdm(items, desc="files", unit="file"):
+        result = evaluate_item(item, config, embedder.embed, scorer, latencies, args.chunk_s, args.baselines)
+        audio_s += result.run.duration_s
+        if plot_dir:
+            shown = ("revision", f"live@{2:g}s" if 2.0 in latencies else "live_final")
+            plot_timeline(result, plot_dir / f"{item.file_id}.png", shown)
+    totals = scorer.totals()
+    print(f"{len(items)} files, {audio_s / 60:.1f} min of audio, {time.perf_counter() - started:.0f} s")
+    print_totals(totals)
+    if args.json:
+        report = {
+            "manifest": str(args.manifest),
+            "embedder": embedder.model_id,
+            "config": _config_json(config),
+            "latencies": latencies,
+            "chunk_s": args.chunk_s,
+            "totals": totals,
+            "files": scorer.rows,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"report written to {args.json}")
+    return 0
+
+
+def _config_json(config) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)

@@ -1,4 +1,4 @@
-"""`speakerflow` subcommands for operations: load tests."""
+"""Tooling command: loadtest, N live conversations at real-time pace against worker processes."""
 
 from __future__ import annotations
 

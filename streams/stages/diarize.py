@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from confluent_kafka import Message, TopicPartition
@@ -45,7 +44,7 @@ from speakerflow.streams.runtime import (
     send_to_dead_letter,
 )
 from speakerflow.streams.settings import Settings
-from speakerflow.streams.stages.diarize_state import DiarizerStateStore
+from speakerflow.streams.stages.diarize_state import DiarizerStateStore, StreamState
 from speakerflow.streams.topology import AUDIO, SEGMENTS_DIARIZED, STREAMS, stage
 
 log = logging.getLogger(__name__)
@@ -73,31 +72,6 @@ def segment_id(stream_id: str, update: TurnUpdate) -> str:
     if update.revision == 0:
         return f"{stream_id}:{update.turn_index:05d}"
     return f"{stream_id}:r{update.revision}:{update.turn_index:05d}"
-
-
-@dataclass
-class StreamState:
-    stream_id: str
-    diarizer: StreamDiarizer
-    origin_capture_ms: int  # capture time of the stream's first sample
-    sample_rate: int
-    channels: int
-    partition: int
-    next_seq: int = 0
-    held: dict[int, tuple[Message, dict]] = field(default_factory=dict)  # out-of-order chunks
-    last_chunk_monotonic: float = field(default_factory=time.monotonic)
-    ended: bool = False
-    applied_offset: int = -1  # audio-topic offset of the last chunk applied to the diarizer
-    # Audio position of the last snapshot; -inf: none yet, so the stream's first batch takes one. A
-    # worker that crashed before a stream's first snapshot would otherwise leave the next owner a stream
-    # it cannot restore, and it would go on without its beginning.
-    saved_audio_s: float = float("-inf")
-    saved_blocks: int = 0  # window blocks already in the state topic
-
-    def resume_offset(self) -> int:
-        """Where a replay must start so that no chunk missing from the state is skipped."""
-        offsets = [self.applied_offset + 1] + [m.offset() for m, _ in self.held.values()]
-        return min(offsets)
 
 
 class DiarizeProcessor(Processor):

@@ -1,25 +1,48 @@
-"""The diarizer's state in the compacted `diarizer.state` topic: snapshots written as a stream goes,
-read back when a worker takes over a stream it does not know (see the diarize stage's docstring)."""
+"""A stream's state in the diarize stage, and its store: the compacted `diarizer.state` topic, written as
+the stream goes and read back when a worker takes over a stream it does not know (see the diarize
+stage's docstring)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-from confluent_kafka import Producer
+from confluent_kafka import Message, Producer
 
-from speakerflow.processors.diarization import SNAPSHOT_FORMAT
+from speakerflow.processors.diarization import SNAPSHOT_FORMAT, StreamDiarizer
 from speakerflow.processors.embedding import Embedder
 from speakerflow.schemas import codec
 from speakerflow.streams.runtime import TopicReader, now_ms, read_compacted
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.topology import DIARIZER_STATE
 
-if TYPE_CHECKING:
-    from speakerflow.streams.stages.diarize import StreamState
-
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamState:
+    stream_id: str
+    diarizer: StreamDiarizer
+    origin_capture_ms: int  # capture time of the stream's first sample
+    sample_rate: int
+    channels: int
+    partition: int
+    next_seq: int = 0
+    held: dict[int, tuple[Message, dict]] = field(default_factory=dict)  # out-of-order chunks
+    last_chunk_monotonic: float = field(default_factory=time.monotonic)
+    ended: bool = False
+    applied_offset: int = -1  # audio-topic offset of the last chunk applied to the diarizer
+    # Audio position of the last snapshot; -inf: none yet, so the stream's first batch takes one. A
+    # worker that crashed before a stream's first snapshot would otherwise leave the next owner a stream
+    # it cannot restore, and it would go on without its beginning.
+    saved_audio_s: float = float("-inf")
+    saved_blocks: int = 0  # window blocks already in the state topic
+
+    def resume_offset(self) -> int:
+        """Where a replay must start so that no chunk missing from the state is skipped."""
+        offsets = [self.applied_offset + 1] + [m.offset() for m, _ in self.held.values()]
+        return min(offsets)
 
 
 class DiarizerStateStore:
