@@ -1,7 +1,7 @@
 """Nearest-voiceprint search for galleries of any size, behind one small interface.
 
 - `ExactIndex`: every vector in one float32 matrix; a search is one matrix product. Exact, simple, and
-  fast enough up to ~10^5 voiceprints (a few ms per query on two cores).
+  fast enough for small galleries (the size where IVF takes over is a setting).
 - `IvfIndex`: a FAISS inverted-file index with 8-bit scalar-quantised codes (IVF-SQ8) proposes
   candidates, which are re-scored exactly against the float32 vectors, so the reported scores are exact
   cosines and only recall is approximate. It supports real deletion and in-place updates (the index's
@@ -9,11 +9,9 @@
 - `AutoIndex` (made by `make_index`): exact below a configurable size, IVF above it, switching both
   ways as the gallery grows and shrinks.
 
-Why IVF and not HNSW: measured on this project's 2-core machine with 1,000,000 x 192 synthetic
-voiceprints and queries at cosine 0.70-0.85 to their speaker (`speakerflow bench gallery`), IVF reaches
-recall@1 >= 0.99 at ~2 ms per query after a ~1 min build, while HNSW (M=32, efConstruction=64) needed
-~6 min to build and stayed below 0.85 recall@1 even at efSearch=128: noisy queries far from every
-stored point are what graph search handles worst. And a gallery is mutable: IVF deletes for real.
+Why IVF and not HNSW: on noisy queries far from every stored point, which graph search handles worst,
+IVF built faster and reached a higher recall@1 in `speakerflow bench gallery` (the figures are in the
+README's gallery section). And a gallery is mutable: IVF deletes for real.
 
 All vectors are L2-normalised, so inner product = cosine. Every index is thread-safe: the gallery
 table thread writes while matcher and verifier threads search.

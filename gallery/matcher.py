@@ -5,17 +5,17 @@ For each diarized speaker of a stream (stream id, label) the matcher keeps every
 each other, never count twice). A segment is identified from its own embedding pooled with the
 segments of its label that sound like it (cosine >= threshold + `consistency`), so the identity
 becomes more certain as the speaker keeps talking, while a turn that live diarization put into the
-wrong label (measured: live labels are ~87 % pure on simulated conversations) does not inherit a
-name that is not its own.
+wrong label (live labels are not pure: README, "Streaming diarization") does not inherit a name that
+is not its own.
 
 Decisions, made again whenever a segment of the stream arrives:
 
 - threshold: a name needs at least the calibrated threshold;
 - margin: ...and the best voiceprint must beat the runner-up by `margin`, unless the score is
   sure (>= threshold + `sure_offset`). A stranger tends to score alike against several voiceprints;
-  an enrolled speaker stands out. Measured with GE2E and 80 enrolled speakers (`speakerflow eval
-  gallery`, seed 0), this turns 60 % of strangers' speech labelled UNKNOWN into 97 %, and costs nothing
-  of enrolled speech after the end-of-stream revision (99.8 % named right either way);
+  an enrolled speaker stands out. What the rule buys (strangers labelled UNKNOWN, enrolled speech
+  named right) is measured by `speakerflow eval gallery`; the figures are in the README ("Gallery:
+  voiceprints, identification, verification");
 - exclusive assignment (optional): two labels of one stream cannot both be Alice. The labels (each
   represented by its latest segment's evidence) and the candidate voiceprints are matched by an
   optimal assignment (Hungarian algorithm) maximising the evidence-weighted score above threshold,
