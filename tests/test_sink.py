@@ -126,7 +126,8 @@ def test_sink_waits_out_a_database_outage(settings, database_url, pg_server, tmp
     sink = start_sink(settings, database_url, log)
     try:
         expected = publish_segments(settings)
-        time.sleep(5)  # the sink polls, fails to connect, backs off
+        # The outage lasts until the sink has met it (a child process takes seconds to start here).
+        assert wait_until(lambda: "database unavailable" in log.read_text(), 120), log.read_text()[-2000:]
         with psycopg.connect(pg_server, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
         assert wait_until(lambda: len(table(database_url)) == len(expected), 120), log.read_text()[-2000:]
