@@ -11,7 +11,7 @@ Broker profiles keep broker-specific tuning out of production: ``embedded`` (the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,22 @@ class Settings:
             elif name in env:
                 values[f.name] = _parse(type(f.default), env[name], name)
         return cls(**values)
+
+    @classmethod
+    def for_cli(cls, env: dict[str, str] | None = None) -> Settings:
+        """`from_env`, and with KAFKA_BOOTSTRAP_SERVERS unset, the embedded broker that `speakerflow broker`
+        recorded under SPEAKERFLOW_DATA_DIR, while it still runs (profile `embedded` unless set)."""
+        env = os.environ if env is None else env
+        settings = cls.from_env(env)
+        if "KAFKA_BOOTSTRAP_SERVERS" in env:
+            return settings
+        from speakerflow.streams.broker import running_broker
+
+        servers = running_broker(settings.data_dir)
+        if servers is None:
+            return settings
+        profile = settings.broker_profile if "SPEAKERFLOW_BROKER_PROFILE" in env else "embedded"
+        return replace(settings, bootstrap_servers=servers, broker_profile=profile)
 
     @property
     def embedded(self) -> bool:

@@ -13,7 +13,9 @@ from speakerflow.streams.settings import config_table
 
 def register(sub: argparse._SubParsersAction) -> None:
     tsub = group(sub, "topics", "manage topics")
-    tsub.add_parser("create", help="create every topic that does not exist").set_defaults(func=cmd_topics)
+    tsub.add_parser("create", help="create every topic that does not exist").set_defaults(
+        func=cmd_topics, needs_broker=True
+    )
 
     dsub = group(sub, "db", "manage the PostgreSQL schema")
     dsub.add_parser("migrate", help="apply pending migrations").set_defaults(func=cmd_db_migrate)

@@ -15,13 +15,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream-id", required=True)
     p.add_argument("--chunk-s", type=float, default=0.5)
     p.add_argument("--fast", action="store_true", help="send as fast as possible instead of real time")
-    p.set_defaults(func=cmd_play)
+    p.set_defaults(func=cmd_play, needs_broker=True)
 
     p = sub.add_parser("tail", help="print identified segments as they arrive")
     p.add_argument("--stream", default=None, help="only this stream id")
     p.add_argument("--live", action="store_true", help="also show provisional (not final) updates")
     p.add_argument("--from-beginning", action="store_true")
-    p.set_defaults(func=cmd_tail)
+    p.set_defaults(func=cmd_tail, needs_broker=True)
 
 
 def cmd_play(args: argparse.Namespace) -> int:
