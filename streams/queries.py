@@ -97,11 +97,13 @@ JOB_SEGMENTS = (
 # --- the CLI (`speakerflow db segments`) and the demo ------------------------------------------------
 
 
-def list_segments(stream_id: str | None) -> str:
-    """Stored segments, of one stream when `stream_id` is given; parameters: [stream_id,] limit."""
+def list_segments(stream_id: str | None, all_revisions: bool = False) -> str:
+    """Stored segments, of one stream when `stream_id` is given; parameters: [stream_id,] limit.
+    By default each stream's current labelling (its highest revision); `all_revisions`: every row."""
     where = "WHERE stream_id = %s " if stream_id else ""
+    table = "segments" if all_revisions else "current_segments"
     return (
-        "SELECT stream_id, start_s, end_s, label, name, confidence, is_final, revision FROM segments "
+        f"SELECT stream_id, start_s, end_s, label, name, confidence, is_final, revision FROM {table} "
         f"{where}ORDER BY stream_id, start_s, revision LIMIT %s"
     )
 
