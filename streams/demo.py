@@ -27,7 +27,7 @@ COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m
 RESET = "\033[0m"
 
 
-def format_segment(seg: dict, colour: bool = True) -> str:
+def format_segment(seg: dict, colour: bool = False) -> str:
     who = seg["name"] if seg["speaker_id"] else "UNKNOWN"
     tint = COLOURS[int(seg["label"][-2:]) % len(COLOURS)] if colour and seg["label"][-2:].isdigit() else ""
     state = "final" if seg["is_final"] else "live "

@@ -47,3 +47,21 @@ def test_db_segments_shows_the_current_labelling_unless_asked_for_history(databa
     history = _segments(database_url, "--all-revisions")
     assert len(history) == 6
     assert sorted(line.split()[-1] for line in history) == ["0"] * 3 + ["1"] * 3
+
+
+def test_a_second_process_on_the_data_dir_says_it_reuses_the_embedded_server(tmp_path, caplog) -> None:
+    import logging
+
+    from speakerflow.streams.database import resolve_database_url
+
+    caplog.set_level(logging.INFO, logger="speakerflow.streams.database")
+    url, first = resolve_database_url("", str(tmp_path))
+    try:
+        assert first is not None and not first.reused
+        # What `speakerflow api` does beside a running worker (a second handle on the same folder).
+        again, second = resolve_database_url("", str(tmp_path))
+        assert second is not None and second.reused and again == url
+        assert "started embedded PostgreSQL" in caplog.text
+        assert "reusing the embedded PostgreSQL" in caplog.text
+    finally:
+        first.stop()

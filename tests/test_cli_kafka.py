@@ -1,4 +1,5 @@
-"""The CLI finds the embedded broker that `speakerflow broker` runs, and says in one line when none runs."""
+"""The CLI on Kafka: it finds the embedded broker `speakerflow broker` runs, says in one line when none
+runs, and `play` / `tail` print for the person watching."""
 
 from __future__ import annotations
 
@@ -81,3 +82,46 @@ def test_an_explicit_bootstrap_wins_over_the_state_file(tmp_path: Path) -> None:
     settings = Settings.for_cli(_env(tmp_path, KAFKA_BOOTSTRAP_SERVERS="kafka:9092"))
     assert settings.bootstrap_servers == "kafka:9092"
     assert not settings.embedded
+
+
+def test_play_shows_progress_on_stderr_while_it_plays_in_real_time(
+    settings: Settings, tmp_path: Path
+) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    from speakerflow.streams.topology import create_topics
+
+    create_topics(settings)
+    audio = tmp_path / "tone.wav"
+    sf.write(audio, 0.1 * np.sin(np.arange(24000) * 0.05), 16000)  # 1.5 s
+    result = subprocess.run(
+        [sys.executable, "-m", "speakerflow.streams.cli", "play", str(audio), "--stream-id", "bar"],
+        env=settings.child_env(),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "100%" in result.stderr and "1.5/1.5" in result.stderr
+    assert result.stdout.strip() == "sent 3 chunks (1.5 s) as stream bar"
+
+
+def test_segments_are_coloured_only_when_asked() -> None:
+    from speakerflow.streams.demo import format_segment
+
+    seg = {
+        "stream_id": "s",
+        "label": "S01",
+        "name": "Ada",
+        "speaker_id": "ada",
+        "is_final": True,
+        "revision": 0,
+        "start_s": 0.0,
+        "end_s": 1.0,
+        "confidence": 0.9,
+        "score": 0.8,
+    }
+    assert "\033" not in format_segment(seg)  # `tail > file` writes plain text
+    assert "\033" in format_segment(seg, colour=True)
