@@ -110,6 +110,10 @@ def list_segments(stream_id: str | None, all_revisions: bool = False) -> str:
 
 STREAM_STATUS = "SELECT status FROM streams WHERE stream_id = %s"
 STREAM_ROWS_WRITTEN = "SELECT count(*), max(written_at) FROM segments WHERE stream_id = %s"
+CURRENT_SEGMENTS_OF_STREAM = (
+    "SELECT start_s, end_s, label, speaker_id, revision FROM current_segments "
+    "WHERE stream_id = %s AND is_final ORDER BY start_s"
+)
 STREAM_SPEAKERS = (
     "SELECT name, count(*), round(sum(end_s - start_s)::numeric, 1) FROM current_segments "
     "WHERE stream_id = %s AND is_final GROUP BY name ORDER BY 3 DESC"
