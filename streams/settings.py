@@ -311,6 +311,13 @@ def config_table() -> str:
     """The configuration table of the README (markdown), generated from the fields above."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for f in fields(Settings):
-        default = f.default if f.name not in {"data_dir", "shared_data_dir"} else f"`{f.name}` (see text)"
-        rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+        rows.append(
+            f"| `{f.metadata['env']}` | {_default_markdown(f.name, f.default)} | {f.metadata['doc']} |"
+        )
     return "\n".join(rows)
+
+
+def _default_markdown(name: str, default: Any) -> str:
+    if name in {"data_dir", "shared_data_dir"}:  # absolute on this machine: say where, relative to the repo
+        return f"`{os.path.relpath(default, REPO_ROOT)}/` (from the repository)"
+    return "empty" if default == "" else f"`{default}`"

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except FileNotFoundError as exc:  # a mistyped path or a folder not made yet: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KafkaException as exc:
         print(f"error: Kafka at {settings.bootstrap_servers} failed: {exc.args[0]}", file=sys.stderr)
         print("  (is the broker running? `speakerflow broker` starts the embedded one)", file=sys.stderr)
