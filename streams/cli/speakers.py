@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--speaker", default="", help="instead: verify FILE against this enrolled speaker")
     f.add_argument("file", nargs="?", help="with --speaker: the audio to verify")
     f.add_argument("--wait", type=float, default=60.0, help="with --speaker: seconds to wait for the result")
-    f.set_defaults(func=cmd_verify, needs_broker=lambda args: bool(args.speaker))
+    f.set_defaults(func=cmd_verify, needs_broker=lambda args: bool(args.speaker and args.file))
 
     gsub = group(sub, "gallery", "export or import voiceprints (JSON lines or .npz)")
     q = gsub.add_parser("export", help="write every voiceprint (with its model id) to a file")
