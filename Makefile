@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The install is redone only when the lock file or the project metadata change.
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock requirements-nodeps.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test test-fast lint format models clean help
+.PHONY: setup demo test test-fast lint format readme models clean help
 
 help:
 	@echo "make demo   - install if needed, run broker + PostgreSQL + worker, enroll, stream a call live"
@@ -34,6 +34,10 @@ test-fast: setup
 # Downloads SpeechBrain's ECAPA-TDNN into .data/models/ecapa (needs internet; set EMBEDDING_MODEL_PATH to use it).
 models: setup
 	$(BIN)/speakerflow models download
+
+# Rewrites the README's generated blocks (configuration table, defaults quoted in the text) from the code.
+readme: setup
+	$(BIN)/python -m speakerflow.streams.readme
 
 lint: setup
 	$(BIN)/ruff check .

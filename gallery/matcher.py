@@ -264,8 +264,9 @@ class Matcher:
         else:
             chosen = [a[0] if a else None for a in accepted]
         decisions: dict[str, Identification] = {}
+        named = {c[0] for c in chosen if c is not None}
         for group, group_hits, choice in zip(groups, hits, chosen, strict=True):
-            ident = self._identification(group_hits, choice)
+            ident = self._identification(group_hits, choice, taken=named)
             decisions.update({names[i]: ident for i in group})
         return decisions
 
@@ -327,16 +328,34 @@ class Matcher:
         return chosen
 
     def _identification(
-        self, hits: list[tuple[str, float]], chosen: tuple[str, float] | None
+        self, hits: list[tuple[str, float]], chosen: tuple[str, float] | None, taken: set[str] | None = None
     ) -> Identification:
         candidates = [(sid, self.gallery.name_of(sid), score) for sid, score in hits[: self.top_k]]
         if chosen is None:
             best = hits[0][1] if hits else 0.0
-            return Identification(None, UNKNOWN, best, 1.0 - self.calibration.confidence(best), candidates)
+            return Identification(
+                None, UNKNOWN, best, self._unknown_confidence(hits, taken or set()), candidates
+            )
         sid, score = chosen
         return Identification(
             sid, self.gallery.name_of(sid), score, self.calibration.confidence(score), candidates
         )
+
+    def _unknown_confidence(self, hits: list[tuple[str, float]], taken: set[str]) -> float:
+        """How sure UNKNOWN is: 1 - sigmoid(slope * (score - bar)), the mirror of a name's confidence
+        (both are >= 0.5 on their side of the rules). When the margin rule refused the label, score is
+        the best and the bar threshold + sure_offset (the score that would have named it anyway); else
+        score is the best of the speakers still open to the label (one named on another label of the
+        stream is not, under exclusive assignment) and the bar is the threshold."""
+        if not hits:
+            return 1.0 - self.calibration.confidence(-1.0)
+        best = hits[0][1]
+        runner_up = hits[1][1] if len(hits) > 1 else -1.0
+        sure = best >= self.calibration.threshold + self.sure_offset
+        if self.margin > 0 and best - runner_up < self.margin and not sure:
+            return 1.0 - self.calibration.confidence(best - self.sure_offset)
+        open_scores = [score for sid, score in hits if sid not in taken]
+        return 1.0 - self.calibration.confidence(open_scores[0] if open_scores else -1.0)
 
     def _emit(self, segment: _Segment, ident: Identification, relabelled: bool) -> Emission:
         segment.emitted_speaker, segment.emitted = ident.speaker_id, True

@@ -7,6 +7,7 @@ production runs Apache Kafka (docker-compose.yml).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -37,6 +38,49 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
+
+
+STATE_FILE = "broker.json"
+
+
+def accepts_connections(bootstrap_servers: str, timeout_s: float = 1.0) -> bool:
+    """Whether any of the `host:port` addresses accepts a TCP connection within `timeout_s`."""
+    for address in bootstrap_servers.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def write_broker_state(data_dir: str | Path, bootstrap_servers: str, pid: int) -> Path:
+    """Record where `speakerflow broker` listens, so other commands in other shells find it."""
+    path = Path(data_dir) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"bootstrap_servers": bootstrap_servers, "pid": pid}) + "\n")
+    return path
+
+
+def remove_broker_state(data_dir: str | Path, pid: int) -> None:
+    """Remove the state file if it is still this process's (a newer broker may have replaced it)."""
+    path = Path(data_dir) / STATE_FILE
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+
+
+def running_broker(data_dir: str | Path) -> str | None:
+    """The bootstrap address recorded by a `speakerflow broker` that still runs and listens, else None
+    (a stale file, left by a broker that was killed, is ignored)."""
+    try:
+        state = json.loads((Path(data_dir) / STATE_FILE).read_text())
+        pid, servers = int(state["pid"]), str(state["bootstrap_servers"])
+        os.kill(pid, 0)  # raises if no such process
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return servers if accepts_connections(servers) else None
 
 
 @dataclass

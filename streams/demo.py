@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +28,7 @@ COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m
 RESET = "\033[0m"
 
 
-def format_segment(seg: dict, colour: bool = True) -> str:
+def format_segment(seg: dict, colour: bool = False) -> str:
     who = seg["name"] if seg["speaker_id"] else "UNKNOWN"
     tint = COLOURS[int(seg["label"][-2:]) % len(COLOURS)] if colour and seg["label"][-2:].isdigit() else ""
     state = "final" if seg["is_final"] else "live "
@@ -39,13 +40,48 @@ def format_segment(seg: dict, colour: bool = True) -> str:
     )
 
 
+class Turn(Protocol):
+    speaker: str
+    start_s: float
+    end_s: float
+
+
+def true_speaker(reference: list[Turn], start_s: float, end_s: float) -> str | None:
+    """Who the reference says speaks most of [start_s, end_s], or None if nobody does."""
+    overlap: dict[str, float] = {}
+    for turn in reference:
+        shared = min(end_s, turn.end_s) - max(start_s, turn.start_s)
+        if shared > 0:
+            overlap[turn.speaker] = overlap.get(turn.speaker, 0.0) + shared
+    return max(overlap, key=overlap.__getitem__) if overlap else None
+
+
+def check_mark(speaker_id: str | None, truth: str | None, enrolled: Collection[str]) -> str:
+    """`✓`/`✗` and the truth: a segment is right when it names the enrolled speaker who really
+    speaks there, or says UNKNOWN for a voice that is not enrolled."""
+    if truth is None:
+        return "? nobody speaks there in the reference"
+    expected = truth if truth in enrolled else None
+    note = "" if truth in enrolled else " (not enrolled: UNKNOWN is right)"
+    return f"{'✓' if speaker_id == expected else '✗'} really {truth}{note}"
+
+
+LEGEND = """\
+  Each line: stream [start – end s] diarizer label → name or UNKNOWN, confidence that this name (or
+  UNKNOWN) is right, cosine score of the closest voiceprint, then ✓/✗ against the reference above.
+  `final` lines are the live labelling, emitted about SPEAKERFLOW_LATENCY_S behind the audio. When the
+  stream ends, the whole call is diarized again (`rev 1`); that revision replaces the live lines, so
+  PostgreSQL's current labelling (below, and `speakerflow db segments`) may count other segments.
+"""
+
+
 class Conversation(Protocol):
     """A call to play: who to enroll first, the audio and its reference turns (the CLI builds one from
     the shared corpus with speakerflow.evaluation.scenario)."""
 
     enrollments: dict[str, list[Path]]
     audio: np.ndarray
-    reference: list
+    reference: list[Turn]
 
     @property
     def duration_s(self) -> float: ...
@@ -70,10 +106,11 @@ def run_demo(settings: Settings, scenario: Conversation, realtime: bool = True) 
         pace = "real time" if realtime else "as fast as possible"
         print(
             f"• playing a {scenario.duration_s:.0f}-s conversation of 4 voices ({pace}) as stream "
-            f"{stream_id}; {', '.join(scenario.enrollments)} are enrolled, {len(scenario.reference)} turns\n"
+            f"{stream_id}; {', '.join(scenario.enrollments)} are enrolled, {len(scenario.reference)} turns"
         )
-        _play_and_show(settings, stream_id, scenario.audio, realtime, worker)
-        _summarise(url, stream_id, embedded_pg is not None)
+        _print_reference(scenario)
+        _play_and_show(settings, stream_id, scenario, realtime, worker)
+        _summarise(url, stream_id, embedded_pg is not None, scenario)
         _print_next_steps()
         return 0
     finally:
@@ -91,8 +128,8 @@ def run_demo(settings: Settings, scenario: Conversation, realtime: bool = True) 
 
 def _print_next_steps() -> None:
     print(
-        "\n• The same engine over HTTP and WebSocket: `speakerflow broker` (export the two variables it\n"
-        "  prints), then `speakerflow worker` and `speakerflow api` (enroll, identify, diarize, verify,\n"
+        "\n• The same engine over HTTP and WebSocket: `speakerflow broker` (the other commands find it by\n"
+        "  themselves), then `speakerflow worker` and `speakerflow api` (enroll, identify, diarize, verify,\n"
         "  jobs, live audio on WS /streams/{id}; OpenAPI docs at http://127.0.0.1:8000/docs).\n"
         "  `speakerflow tail` shows identified segments as they arrive."
     )
@@ -125,9 +162,18 @@ def _enroll(settings: Settings, enrollments: dict[str, list[Path]]) -> None:
         )
 
 
+def _print_reference(scenario: Conversation) -> None:
+    print("• who really speaks when (the reference the results are checked against):")
+    for turn in scenario.reference:
+        note = "" if turn.speaker in scenario.enrollments else "  (not enrolled)"
+        print(f"    [{turn.start_s:7.2f} – {turn.end_s:7.2f} s] {turn.speaker}{note}")
+    print(f"\n{LEGEND}")
+
+
 def _play_and_show(
-    settings: Settings, stream_id: str, audio: np.ndarray, realtime: bool, worker: subprocess.Popen
+    settings: Settings, stream_id: str, scenario: Conversation, realtime: bool, worker: subprocess.Popen
 ) -> None:
+    audio = scenario.audio
     finished_at: list[float] = []
 
     def play() -> None:
@@ -143,7 +189,9 @@ def _play_and_show(
     for seg in follow(settings, topic, "IdentifiedSegment", stop=give_up):
         if seg["stream_id"] != stream_id or not seg["is_final"]:
             continue
-        print(format_segment(seg, colour=sys.stdout.isatty()), flush=True)
+        truth = true_speaker(scenario.reference, seg["start_s"], seg["end_s"])
+        mark = check_mark(seg["speaker_id"], truth, scenario.enrollments)
+        print(f"{format_segment(seg, colour=sys.stdout.isatty())}  {mark}", flush=True)
         if seg["end_s"] >= last_end - 1.5:
             break
     if worker.poll() is not None:
@@ -166,11 +214,23 @@ def _wait_for_final_labelling(url: str, stream_id: str, timeout_s: float = 30.0)
         time.sleep(0.3)
 
 
-def _summarise(url: str, stream_id: str, embedded: bool) -> None:
+def _summarise(url: str, stream_id: str, embedded: bool, scenario: Conversation) -> None:
     _wait_for_final_labelling(url, stream_id)
     with psycopg.connect(url) as conn:
         rows = conn.execute(queries.STREAM_SPEAKERS, (stream_id,)).fetchall()
-    print(f"\n• PostgreSQL now holds the segments of {stream_id}:")
+        current = conn.execute(queries.CURRENT_SEGMENTS_OF_STREAM, (stream_id,)).fetchall()
+    revision = max((r[4] for r in current), default=0)
+    print(f"\n• PostgreSQL now holds the segments of {stream_id}; its current labelling (rev {revision}):")
+    right = total = 0.0
+    for start, end, label, speaker_id, _revision in current:
+        truth = true_speaker(scenario.reference, start, end)
+        mark = check_mark(speaker_id, truth, scenario.enrollments)
+        right += (end - start) * mark.startswith("✓")
+        total += end - start
+        print(f"    [{start:7.2f} – {end:7.2f} s] {label} → {speaker_id or 'UNKNOWN':<12} {mark}")
+    if total:
+        print(f"  right: {right:.1f} of {total:.1f} s of segments ({100 * right / total:.0f} %)")
+    print("  per speaker:")
     for name, count, seconds in rows:
         print(f"    {name:<12} {count:3d} segments {seconds:6.1f} s")
     print(f"  List them again: .venv/bin/speakerflow db segments --stream {stream_id}")

@@ -97,17 +97,23 @@ JOB_SEGMENTS = (
 # --- the CLI (`speakerflow db segments`) and the demo ------------------------------------------------
 
 
-def list_segments(stream_id: str | None) -> str:
-    """Stored segments, of one stream when `stream_id` is given; parameters: [stream_id,] limit."""
+def list_segments(stream_id: str | None, all_revisions: bool = False) -> str:
+    """Stored segments, of one stream when `stream_id` is given; parameters: [stream_id,] limit.
+    By default each stream's current labelling (its highest revision); `all_revisions`: every row."""
     where = "WHERE stream_id = %s " if stream_id else ""
+    table = "segments" if all_revisions else "current_segments"
     return (
-        "SELECT stream_id, start_s, end_s, label, name, confidence, is_final, revision FROM segments "
+        f"SELECT stream_id, start_s, end_s, label, name, confidence, is_final, revision FROM {table} "
         f"{where}ORDER BY stream_id, start_s, revision LIMIT %s"
     )
 
 
 STREAM_STATUS = "SELECT status FROM streams WHERE stream_id = %s"
 STREAM_ROWS_WRITTEN = "SELECT count(*), max(written_at) FROM segments WHERE stream_id = %s"
+CURRENT_SEGMENTS_OF_STREAM = (
+    "SELECT start_s, end_s, label, speaker_id, revision FROM current_segments "
+    "WHERE stream_id = %s AND is_final ORDER BY start_s"
+)
 STREAM_SPEAKERS = (
     "SELECT name, count(*), round(sum(end_s - start_s)::numeric, 1) FROM current_segments "
     "WHERE stream_id = %s AND is_final GROUP BY name ORDER BY 3 DESC"

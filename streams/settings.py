@@ -11,7 +11,7 @@ Broker profiles keep broker-specific tuning out of production: ``embedded`` (the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,22 @@ class Settings:
                 values[f.name] = _parse(type(f.default), env[name], name)
         return cls(**values)
 
+    @classmethod
+    def for_cli(cls, env: dict[str, str] | None = None) -> Settings:
+        """`from_env`, and with KAFKA_BOOTSTRAP_SERVERS unset, the embedded broker that `speakerflow broker`
+        recorded under SPEAKERFLOW_DATA_DIR, while it still runs (profile `embedded` unless set)."""
+        env = os.environ if env is None else env
+        settings = cls.from_env(env)
+        if "KAFKA_BOOTSTRAP_SERVERS" in env:
+            return settings
+        from speakerflow.streams.broker import running_broker
+
+        servers = running_broker(settings.data_dir)
+        if servers is None:
+            return settings
+        profile = settings.broker_profile if "SPEAKERFLOW_BROKER_PROFILE" in env else "embedded"
+        return replace(settings, bootstrap_servers=servers, broker_profile=profile)
+
     @property
     def embedded(self) -> bool:
         return self.broker_profile == "embedded"
@@ -295,6 +311,13 @@ def config_table() -> str:
     """The configuration table of the README (markdown), generated from the fields above."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for f in fields(Settings):
-        default = f.default if f.name not in {"data_dir", "shared_data_dir"} else f"`{f.name}` (see text)"
-        rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+        rows.append(
+            f"| `{f.metadata['env']}` | {_default_markdown(f.name, f.default)} | {f.metadata['doc']} |"
+        )
     return "\n".join(rows)
+
+
+def _default_markdown(name: str, default: Any) -> str:
+    if name in {"data_dir", "shared_data_dir"}:  # absolute on this machine: say where, relative to the repo
+        return f"`{os.path.relpath(default, REPO_ROOT)}/` (from the repository)"
+    return "empty" if default == "" else f"`{default}`"

@@ -151,3 +151,10 @@ def test_verify_needs_its_arguments(tiny_manifest: Path, capsys) -> None:
     assert main(["verify", "--enroll", "a.wav"]) == 2
     assert main(["verify", "--speaker", "alice"]) == 2  # no FILE
     assert "exactly one audio FILE" in capsys.readouterr().err
+
+
+def test_a_missing_manifest_is_one_line_not_a_traceback(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "sim_clean"
+    assert main(["bench", "diarize", "--manifest", str(missing), "--minutes", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and "manifest.csv" in err[0]

@@ -223,3 +223,24 @@ def test_a_segment_without_windows_is_whoever_its_label_is(basis):
     # A label heard only in overlaps has no evidence at all: UNKNOWN.
     alone = matcher.observe("s", "s:3", "SPEAKER_02", np.zeros(DIM, np.float32), 0, is_final=True, revision=1)
     assert alone[0].identification.speaker_id is None
+
+
+def test_unknown_confidence_says_how_sure_unknown_is(basis):
+    """UNKNOWN's confidence mirrors a name's: at least 0.5 whichever rule made it UNKNOWN, and higher
+    the further the evidence is from what would have named someone."""
+    gallery = _gallery(basis, {"alice": 0, "bob": 1})
+    below = _matcher(gallery).identify(_at(basis[0], basis[9], 0.3))  # far below the threshold
+    near = _matcher(gallery).identify(_at(basis[0], basis[9], 0.58))  # just below it
+    assert below.speaker_id is None and near.speaker_id is None
+    assert below.confidence > near.confidence >= 0.5
+    # Above the threshold but refused by the margin rule (0.65 vs 0.64, not sure): still >= 0.5.
+    ambiguous = _matcher(gallery, margin=0.05, sure_offset=0.1).identify(
+        _unit(0.65 * basis[0] + 0.64 * basis[1] + 0.41 * basis[9])
+    )
+    assert ambiguous.speaker_id is None and ambiguous.score > THRESHOLD
+    assert ambiguous.confidence >= 0.5
+    # The label that lost Alice to a label with more speech: judged on who was left for it (nobody).
+    solo = _matcher(_gallery(basis, {"alice": 0}), exclusive=True)
+    solo.observe("s", "s:0", "A", _at(basis[0], basis[7], 0.85), 20, is_final=True)
+    lost = solo.observe("s", "s:1", "C", _unit(0.68 * basis[0] + 0.73 * basis[9]), 2)[0].identification
+    assert lost.speaker_id is None and lost.score > THRESHOLD and lost.confidence > 0.9

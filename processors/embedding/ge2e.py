@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +42,11 @@ class Ge2eEmbedder:
 
     def __init__(self, device: str = "cpu", precision: str = "auto", cpu_workers: int = 0) -> None:
         import torchaudio
-        from resemblyzer import VoiceEncoder
+
+        with warnings.catch_warnings():
+            # resemblyzer imports webrtcvad, which imports the deprecated pkg_resources (never used here).
+            warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
+            from resemblyzer import VoiceEncoder
 
         self.device = resolve_device(device)
         if precision == "int8":

@@ -13,13 +13,20 @@ from speakerflow.streams.settings import config_table
 
 def register(sub: argparse._SubParsersAction) -> None:
     tsub = group(sub, "topics", "manage topics")
-    tsub.add_parser("create", help="create every topic that does not exist").set_defaults(func=cmd_topics)
+    tsub.add_parser("create", help="create every topic that does not exist").set_defaults(
+        func=cmd_topics, needs_broker=True
+    )
 
     dsub = group(sub, "db", "manage the PostgreSQL schema")
     dsub.add_parser("migrate", help="apply pending migrations").set_defaults(func=cmd_db_migrate)
     q = dsub.add_parser("segments", help="list stored segments (starts the embedded server if needed)")
     q.add_argument("--stream", default=None, help="only this stream id")
     q.add_argument("--limit", type=int, default=200)
+    q.add_argument(
+        "--all-revisions",
+        action="store_true",
+        help="every stored revision (the history); default: the current labelling, each stream's highest",
+    )
     q.set_defaults(func=cmd_db_segments)
 
     p = sub.add_parser("config", help="print the effective configuration (secrets masked)")
@@ -58,7 +65,9 @@ def cmd_db_segments(args: argparse.Namespace) -> int:
 
     params = [args.stream] if args.stream else []
     with database(settings_from_env()) as url, psycopg.connect(url) as conn:
-        rows = conn.execute(queries.list_segments(args.stream), [*params, args.limit]).fetchall()
+        rows = conn.execute(
+            queries.list_segments(args.stream, args.all_revisions), [*params, args.limit]
+        ).fetchall()
     print(f"{'stream':<20} {'start':>8} {'end':>8}  {'label':<11} {'name':<14} conf  final rev")
     for stream, start, end, label, name, conf, final, rev in rows:
         print(f"{stream:<20} {start:8.2f} {end:8.2f}  {label:<11} {name:<14} {conf:.2f}  {final!s:<5} {rev}")

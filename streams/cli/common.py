@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def settings() -> Settings:
     from speakerflow.streams.settings import Settings
 
-    return Settings.from_env()
+    return Settings.for_cli()
 
 
 def group(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:

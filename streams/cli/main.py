@@ -17,6 +17,7 @@ import speakerflow.streams.cli.loadtest as loadtest
 import speakerflow.streams.cli.services as services
 import speakerflow.streams.cli.simulate as simulate
 import speakerflow.streams.cli.speakers as speakers
+from speakerflow.streams.broker import accepts_connections
 from speakerflow.streams.cli.common import settings as settings_from_env
 from speakerflow.streams.logs import setup_logging
 
@@ -59,14 +60,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
+    if _needs_broker(args) and not accepts_connections(settings.bootstrap_servers, timeout_s=2.0):
+        # One line instead of librdkafka retrying (and logging every refused connection) for half a minute.
+        print(
+            f"error: no Kafka broker answers at {settings.bootstrap_servers}: run `speakerflow broker` in "
+            "another shell (it is found by itself), or set KAFKA_BOOTSTRAP_SERVERS",
+            file=sys.stderr,
+        )
+        return 1
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except FileNotFoundError as exc:  # a mistyped path or a folder not made yet: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KafkaException as exc:
         print(f"error: Kafka at {settings.bootstrap_servers} failed: {exc.args[0]}", file=sys.stderr)
         print("  (is the broker running? `speakerflow broker` starts the embedded one)", file=sys.stderr)
         return 1
+
+
+def _needs_broker(args: argparse.Namespace) -> bool:
+    """Commands that talk to Kafka at once set `needs_broker` (True, or a test of their arguments)."""
+    needs = getattr(args, "needs_broker", False)
+    return bool(needs(args) if callable(needs) else needs)
 
 
 if __name__ == "__main__":

@@ -48,10 +48,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from speakerflow.streams.broker import start_embedded_broker
+    import os
 
+    from speakerflow.streams.broker import remove_broker_state, start_embedded_broker, write_broker_state
+
+    data_dir = settings_from_env().data_dir
     broker = start_embedded_broker(port=args.port)
+    state = write_broker_state(data_dir, broker.bootstrap_servers, os.getpid())
     print(f"embedded broker (Tansu, in memory) on {broker.bootstrap_servers}; Ctrl-C stops it", flush=True)
+    print(f"  other speakerflow commands with this SPEAKERFLOW_DATA_DIR find it ({state}); elsewhere:")
     print(f"  export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers} SPEAKERFLOW_BROKER_PROFILE=embedded")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -62,6 +67,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         pass
     finally:
         broker.stop()
+        remove_broker_state(data_dir, os.getpid())
     return 0
 
 

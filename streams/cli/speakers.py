@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speaker-id", default="", help="default: the name, lower-case, dashes for spaces")
     p.add_argument("--mode", choices=["add", "replace"], default="add")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the result (0: don't)")
-    p.set_defaults(func=cmd_enroll)
+    p.set_defaults(func=cmd_enroll, needs_broker=True)
 
     ssub = group(sub, "speakers", "list, show or delete enrolled speakers")
     q = ssub.add_parser("list", help="every enrolled speaker (read from the gallery topic)")
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_speakers_delete)
     for action in ssub.choices.values():
         action.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+        action.set_defaults(needs_broker=True)
 
     f = sub.add_parser(
         "verify", help="is this the same voice? files against files (offline), or against an enrolled speaker"
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--speaker", default="", help="instead: verify FILE against this enrolled speaker")
     f.add_argument("file", nargs="?", help="with --speaker: the audio to verify")
     f.add_argument("--wait", type=float, default=60.0, help="with --speaker: seconds to wait for the result")
-    f.set_defaults(func=cmd_verify)
+    f.set_defaults(func=cmd_verify, needs_broker=lambda args: bool(args.speaker and args.file))
 
     gsub = group(sub, "gallery", "export or import voiceprints (JSON lines or .npz)")
     q = gsub.add_parser("export", help="write every voiceprint (with its model id) to a file")
@@ -66,13 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--format", choices=["jsonl", "npz"], default=None, help="default: by the file suffix")
     q.add_argument("--model", default="", help="only voiceprints of this model id")
     q.add_argument("--timeout", type=float, default=60.0, help="seconds to read the gallery topic")
-    q.set_defaults(func=cmd_gallery_export)
+    q.set_defaults(func=cmd_gallery_export, needs_broker=True)
     q = gsub.add_parser("import", help="publish voiceprints from a file to the gallery topic")
     q.add_argument("file")
     q.add_argument("--format", choices=["jsonl", "npz"], default=None, help="default: by the file suffix")
     q.add_argument("--force", action="store_true", help="import a file that mixes model ids")
     q.add_argument("--dry-run", action="store_true", help="read and check only")
-    q.set_defaults(func=cmd_gallery_import)
+    q.set_defaults(func=cmd_gallery_import, needs_broker=lambda args: not args.dry_run)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
