@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -86,6 +87,19 @@ def test_auth_envelope_and_docs(stack):
     }
     assert httpx.get(f"{client.base_url}/openapi.json").status_code == 200
     assert client.get("/health").json()["success"] is True
+
+
+def test_docs_and_console_are_served_offline_without_a_key(stack):
+    """/docs and the console's pages hold no data, need no key and point at nothing outside the gateway."""
+    base = stack["client"].base_url
+    for page in ("/docs", "/"):
+        html = httpx.get(f"{base}{page}")
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        assert not re.search(r"https?://", html.text), html.text
+        for asset in re.findall(r'(?:src|href)="(/[^"]+)"', html.text):
+            assert httpx.get(f"{base}{asset}").status_code == 200, asset
+    assert "SwaggerUIBundle" in httpx.get(f"{base}/docs").text
+    assert httpx.get(f"{base}/streams").status_code == 401  # the data the console reads does want it
 
 
 def test_enroll_list_get_verify_and_delete(stack):

@@ -446,16 +446,21 @@ const pages = {
   speakers() {
     const rows = $("speaker-rows");
     let shown = null;
+    let loading = false;
     const load = async () => {
+      if (loading) return; // one request at a time: a slow answer must not redraw over a newer one
+      loading = true;
       try {
         const { items } = await api("/speakers?limit=500");
         const signature = JSON.stringify(items.map((s) => [s.speaker_id, s.updated_at]));
-        if (signature === shown) return; // keep open verdicts while nothing changed
+        if (signature === shown) return; // keep open verdicts and confirmations while nothing changed
         shown = signature;
         $("speakers-empty").hidden = items.length > 0;
         rows.replaceChildren(...items.flatMap(speakerRow));
       } catch (error) {
         report(error);
+      } finally {
+        loading = false;
       }
     };
 
@@ -599,7 +604,7 @@ const pages = {
               {},
               el("button", { class: "link", onclick: () => show(s.stream_id), dataset: { stream: s.stream_id } }, s.stream_id),
               el("span", { class: `badge ${s.status.toLowerCase()}` }, s.status.toLowerCase()),
-              el("span", { class: "muted" }, ` ${seconds(s.audio_seconds || 0)} · ${s.talk.length} voices`),
+              el("span", { class: "muted" }, ` ${seconds(s.audio_seconds || 0)}` + (s.speakers ? ` · ${s.speakers} speaker${s.speakers === 1 ? "" : "s"}` : "")),
             ),
           ),
         );
