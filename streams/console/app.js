@@ -633,23 +633,41 @@ async function startCapture(onFrame) {
   } catch {
     throw new ApiFailure("The microphone could not be opened (permission refused or no device).", 0);
   }
-  const context = new AudioContext({ sampleRate: SAMPLE_RATE });
+  // Chromium resamples the microphone into a 16 kHz context; browsers that cannot (Firefox refuses to
+  // connect a source of another rate) get the device's rate and a linear resampler below.
+  let context = new AudioContext({ sampleRate: SAMPLE_RATE });
+  let source;
+  try {
+    source = context.createMediaStreamSource(media);
+  } catch {
+    context.close();
+    context = new AudioContext();
+    source = context.createMediaStreamSource(media);
+  }
   await context.audioWorklet.addModule("/console/worklet.js");
-  const source = context.createMediaStreamSource(media);
   const node = new AudioWorkletNode(context, "capture");
   const mute = context.createGain();
   mute.gain.value = 0;
   source.connect(node).connect(mute).connect(context.destination); // keeps the worklet pulled
+  const step = context.sampleRate / SAMPLE_RATE; // input samples per output sample
   const frame = new Int16Array(SAMPLE_RATE / 10);
   let filled = 0;
+  let position = 0; // of the next output sample, in input samples from the start of `previous`
+  let previous = 0;
   node.port.onmessage = (event) => {
-    for (const x of event.data) {
+    const input = event.data;
+    for (; position < input.length; position += step) {
+      const i = Math.floor(position);
+      const before = i === 0 ? previous : input[i - 1];
+      const x = step === 1 ? input[i] : before + (input[i] - before) * (position - i);
       frame[filled++] = Math.max(-32768, Math.min(32767, Math.round(x * 32767)));
       if (filled === frame.length) {
         onFrame(frame.slice(0));
         filled = 0;
       }
     }
+    position -= input.length;
+    previous = input[input.length - 1];
   };
   return {
     stop() {
