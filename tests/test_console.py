@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -278,8 +279,11 @@ def test_microphone_conversation_is_labelled_live(page, gateway, speech, shots):
     segments = _timeline(page, "#live-timeline")
     assert all(s["final"] for s in segments), segments
     assert _named_turns(segments, speech["reference"]) == expected
-    page.locator("#live-timeline .seg.known").first.click()  # plays the clip: no error message
-    time.sleep(0.5)
+    with page.expect_response(lambda r: "/audio/" in r.url) as clip:  # a click plays the segment
+        page.locator("#live-timeline .seg.known").first.click()
+    assert clip.value.status == 200 and clip.value.headers["content-type"] == "audio/wav"
+    wav = httpx.get(clip.value.url, headers={"X-API-Key": API_KEY})
+    assert len(wav.content) > 16000  # over half a second of 16-bit audio at 16 kHz
     assert page.is_hidden("#message"), page.inner_text("#message")
     _shot(page, shots, "live")
 
@@ -361,8 +365,6 @@ def test_docs_and_console_load_nothing_from_outside(page, gateway):
     outside = [u for u in SEEN["requests"] if not u.startswith((base, "data:", "blob:"))]
     assert outside == []
     assert not SEEN["errors"], SEEN["errors"]
-
-    import httpx
 
     docs_html = httpx.get(base + "/docs").text
     assert not re.search(r"https?://", docs_html), docs_html

@@ -542,6 +542,7 @@ const pages = {
       ];
     };
 
+    rows.replaceChildren(); // never act on the rows of an earlier visit
     load();
     const timer = setInterval(load, 2000); // enrollments and deletions land in PostgreSQL shortly after
     return () => clearInterval(timer);
@@ -552,6 +553,7 @@ const pages = {
       history.replaceState(null, "", `#history/${encodeURIComponent(id)}`);
       $("history-title").textContent = id;
       const detail = $("history-detail");
+      detail.replaceChildren(el("p", { class: "muted" }, "Loading…"));
       try {
         const stream = await api(`/history/${encodeURIComponent(id)}`);
         const total = stream.talk.reduce((n, t) => n + t.talk_seconds, 0) || 1;
