@@ -259,6 +259,8 @@ def test_microphone_conversation_is_labelled_live(page, gateway, speech, shots):
     page.click("#mic-start")
     # Names appear while the call goes on: the first segment shows up before the audio has all played.
     page.wait_for_selector("#mic-timeline .seg", timeout=int(speech["duration_s"] * 1000) + WAIT_MS)
+    sent = re.search(r"([0-9.]+) s sent", page.inner_text("#mic-status"))
+    assert sent and float(sent.group(1)) < speech["duration_s"], page.inner_text("#mic-status")
     page.wait_for_function(
         "seconds => { const m = /([0-9.]+) s sent/.exec(document.getElementById('mic-status').textContent);"
         " return m && parseFloat(m[1]) >= seconds; }",

@@ -42,10 +42,8 @@ async def watch_stream(ws: WebSocket, stream_id: str) -> None:
     "segments": [...]}` (its state, and the latest record of each segment id and revision seen so far),
     then `{"type": "segment", ...}` and `{"type": "stream", ...}` (STARTED/ENDED/FAILED) as they arrive."""
     gw: Gateway = ws.app.state.gateway
-    if not gw.websocket_key_ok(ws):
-        await ws.close(code=4401)
+    if not await gw.websocket_admitted(ws):
         return
-    await ws.accept()
     with (
         gw.hub.subscribe(SEGMENTS_IDENTIFIED, stream_id) as updates,
         gw.hub.subscribe(STREAMS, stream_id, updates),

@@ -29,10 +29,8 @@ router = APIRouter()
 @router.websocket("/streams/{stream_id}")
 async def live_stream(ws: WebSocket, stream_id: str) -> None:
     gw: Gateway = ws.app.state.gateway
-    if not gw.websocket_key_ok(ws):
-        await ws.close(code=4401)
+    if not await gw.websocket_admitted(ws):
         return
-    await ws.accept()
     session = LiveSession(gw, stream_id, int(ws.query_params.get("sample_rate", SAMPLE_RATE)))
     if ws.query_params.get("export_segments", "").lower() in ("1", "true"):
         session.record_to(gw.export_dir / safe_name(stream_id))
