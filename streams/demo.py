@@ -130,7 +130,8 @@ def _print_next_steps() -> None:
     print(
         "\n• The same engine over HTTP and WebSocket: `speakerflow broker` (the other commands find it by\n"
         "  themselves), then `speakerflow worker` and `speakerflow api` (enroll, identify, diarize, verify,\n"
-        "  jobs, live audio on WS /streams/{id}; OpenAPI docs at http://127.0.0.1:8000/docs).\n"
+        "  jobs, live audio on WS /streams/{id}); open the web console at http://127.0.0.1:8000/ and the\n"
+        "  OpenAPI docs at http://127.0.0.1:8000/docs.\n"
         "  `speakerflow tail` shows identified segments as they arrive."
     )
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -47,6 +47,7 @@ class ResultHub(threading.Thread):
             defaultdict(list)
         )
         self._by_topic = {settings.topic(name): (name, *route) for name, route in ROUTES.items()}
+        self.live = LiveRegistry()
 
     def run(self) -> None:
         # Only new results matter. The embedded broker reports wrong end offsets, so there the hub reads
@@ -72,8 +73,19 @@ class ResultHub(threading.Thread):
             record = codec.decode(record_name, value)
         except codec.SchemaError:
             return
+        self._deliver(name, record[key_field], record)
+        if name == SEGMENTS_IDENTIFIED:
+            self.live.segment(record)
+        elif name == STREAMS:
+            self.live.stream_event(record)
+        elif name == ENROLLMENT_RESULTS and record["accepted"] and record["reason"] == "deleted":
+            # Watchers of ended streams see the erasure too (the matcher re-states only live ones).
+            for forgotten in self.live.forget_speaker(record["speaker_id"]):
+                self._deliver(SEGMENTS_IDENTIFIED, forgotten["stream_id"], forgotten)
+
+    def _deliver(self, topic: str, key: str, record: dict) -> None:
         with self._lock:
-            targets = list(self._subscribers.get((name, record[key_field]), ()))
+            targets = list(self._subscribers.get((topic, key), ()))
         for loop, queue in targets:
             loop.call_soon_threadsafe(queue.put_nowait, record)
 
@@ -92,3 +104,74 @@ class ResultHub(threading.Thread):
                 self._subscribers[(topic, key)].remove(entry)
                 if not self._subscribers[(topic, key)]:
                     del self._subscribers[(topic, key)]
+
+
+class LiveRegistry:
+    """What the `streams` and `segments.identified` topics said about the most recent streams, for the
+    console: which streams run, and the latest record of each (segment id, revision) of each stream.
+
+    Bounded: only the `max_streams` streams heard of most recently are kept.
+    """
+
+    def __init__(self, max_streams: int = 200) -> None:
+        self.max_streams = max_streams
+        self._lock = threading.Lock()
+        self._streams: OrderedDict[str, dict] = OrderedDict()
+        self._segments: dict[str, dict[tuple[str, int], dict]] = {}
+
+    def _touch(self, stream_id: str) -> dict:
+        entry = self._streams.pop(stream_id, None) or {
+            "stream_id": stream_id,
+            "state": "RUNNING",
+            "audio_seconds": 0.0,
+            "speakers": 0,
+            "revision": 0,
+            "reason": None,
+            "updated_at_ms": 0,
+        }
+        self._streams[stream_id] = entry
+        while len(self._streams) > self.max_streams:
+            gone, _ = self._streams.popitem(last=False)
+            self._segments.pop(gone, None)
+        return entry
+
+    def stream_event(self, event: dict) -> None:
+        with self._lock:
+            entry = self._touch(event["stream_id"])
+            state = {"STARTED": "RUNNING"}.get(event["event"], event["event"])
+            if not (entry["state"] in ("ENDED", "FAILED") and state == "RUNNING"):
+                entry["state"] = state
+            entry["audio_seconds"] = max(entry["audio_seconds"], event["audio_seconds"])
+            entry["speakers"] = event["speakers"] or entry["speakers"]
+            entry["revision"] = max(entry["revision"], event["revision"])
+            entry["reason"] = event["reason"]
+            entry["updated_at_ms"] = event["at_ms"]
+
+    def segment(self, record: dict) -> None:
+        with self._lock:
+            entry = self._touch(record["stream_id"])
+            entry["audio_seconds"] = max(entry["audio_seconds"], record["end_s"])
+            entry["updated_at_ms"] = max(entry["updated_at_ms"], record["emitted_at_ms"])
+            self._segments.setdefault(record["stream_id"], {})[(record["segment_id"], record["revision"])] = (
+                record
+            )
+
+    def forget_speaker(self, speaker_id: str) -> list[dict]:
+        """Make the speaker's cached segments UNKNOWN; returns the changed records."""
+        changed = []
+        with self._lock:
+            for segments in self._segments.values():
+                for key, record in segments.items():
+                    if record["speaker_id"] == speaker_id:
+                        segments[key] = record | {"speaker_id": None, "name": "UNKNOWN", "candidates": []}
+                        changed.append(segments[key])
+        return changed
+
+    def streams(self) -> list[dict]:
+        """Newest first."""
+        with self._lock:
+            return [dict(s) for s in reversed(self._streams.values())]
+
+    def segments(self, stream_id: str) -> list[dict]:
+        with self._lock:
+            return list(self._segments.get(stream_id, {}).values())

@@ -94,6 +94,28 @@ JOB_SEGMENTS = (
     "FROM current_segments WHERE stream_id = %s AND is_final ORDER BY start_s"
 )
 
+SEGMENT_SPAN = (
+    "SELECT start_s, end_s FROM segments WHERE stream_id = %s AND segment_id = %s "
+    "ORDER BY revision DESC LIMIT 1"
+)
+# The console's History page: streams newest first, talk time per speaker, one stream's final segments.
+HISTORY_STREAMS = (
+    "SELECT stream_id, kind, status, created_at, started_at, ended_at, audio_seconds, speakers, error "
+    "FROM streams ORDER BY coalesce(started_at, created_at) DESC OFFSET %s LIMIT %s"
+)
+HISTORY_STREAM = (
+    "SELECT stream_id, kind, status, created_at, started_at, ended_at, audio_seconds, speakers, "
+    "final_revision, error FROM streams WHERE stream_id = %s"
+)
+HISTORY_SEGMENTS = (
+    "SELECT segment_id, stream_id, label, speaker_id, name, start_s, end_s, confidence, score, revision, "
+    "is_final, model_id FROM current_segments WHERE stream_id = %s AND is_final ORDER BY start_s"
+)
+TALK_TIMES = (
+    "SELECT stream_id, label, speaker_id, name, turns, talk_seconds, mean_confidence "
+    "FROM stream_speaker_summary WHERE stream_id = ANY(%s) ORDER BY talk_seconds DESC"
+)
+
 # --- the CLI (`speakerflow db segments`) and the demo ------------------------------------------------
 
 

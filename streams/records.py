@@ -63,7 +63,12 @@ def pcm_chunk(
 
 
 def enrollment_request(
-    speaker_id: str, name: str, mode: str, samples: list[dict], request_id: str = ""
+    speaker_id: str,
+    name: str,
+    mode: str,
+    samples: list[dict],
+    request_id: str = "",
+    metadata: dict[str, str] | None = None,
 ) -> dict:
     """An EnrollmentRequest (mode ADD, REPLACE or DELETE) with AudioSample records; a new request id
     unless one is given."""
@@ -73,7 +78,7 @@ def enrollment_request(
         "name": name,
         "mode": mode,
         "samples": samples,
-        "metadata": {},
+        "metadata": metadata or {},
         "requested_at_ms": now_ms(),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -86,6 +87,19 @@ def test_auth_envelope_and_docs(stack):
     }
     assert httpx.get(f"{client.base_url}/openapi.json").status_code == 200
     assert client.get("/health").json()["success"] is True
+
+
+def test_docs_and_console_are_served_offline_without_a_key(stack):
+    """/docs and the console's pages hold no data, need no key and point at nothing outside the gateway."""
+    base = stack["client"].base_url
+    for page in ("/docs", "/"):
+        html = httpx.get(f"{base}{page}")
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        assert not re.search(r"https?://", html.text), html.text
+        for asset in re.findall(r'(?:src|href)="(/[^"]+)"', html.text):
+            assert httpx.get(f"{base}{asset}").status_code == 200, asset
+    assert "SwaggerUIBundle" in httpx.get(f"{base}/docs").text
+    assert httpx.get(f"{base}/streams").status_code == 401  # the data the console reads does want it
 
 
 def test_enroll_list_get_verify_and_delete(stack):
@@ -238,6 +252,56 @@ def test_websocket_pcm_and_twilio_streams_get_segments_back(stack):
     for received in (asyncio.run(pcm_call()), asyncio.run(twilio_call())):
         assert received and all(m["type"] == "segment" for m in received)
         assert any(m["is_final"] for m in received)
+
+
+def test_console_routes_watch_history_and_gate_check(stack, shared_data):
+    """The routes the web console reads, over a stream the WebSocket test above left behind."""
+    client, port = stack["client"], stack["port"]
+    streams = {s["stream_id"]: s for s in client.get("/streams").json()["data"]["items"]}
+    assert streams["ws-pcm"]["audio_seconds"] > 0
+
+    async def watch(key: str) -> tuple[dict | None, int | None]:
+        uri = f"ws://127.0.0.1:{port}/streams/ws-pcm/watch?api_key={key}"
+        try:
+            async with websockets.connect(uri) as ws:
+                return json.loads(await asyncio.wait_for(ws.recv(), 30)), None
+        except websockets.ConnectionClosed as closed:
+            return None, closed.rcvd.code if closed.rcvd else None
+
+    snapshot, _ = asyncio.run(watch("secret-key"))
+    assert snapshot["type"] == "snapshot" and snapshot["segments"]
+    assert all(s["stream_id"] == "ws-pcm" for s in snapshot["segments"])
+    assert asyncio.run(watch("wrong-key")) == (None, 4401)
+
+    deadline = time.monotonic() + 30  # the sink writes the stream's end shortly after it ends
+    while time.monotonic() < deadline:
+        history = client.get("/history/ws-pcm").json()["data"]
+        if history["status"] == "DONE" and history["talk"]:
+            break
+        time.sleep(0.5)
+    assert history["status"] == "DONE" and history["segments"]
+    stored = sum(s["end_s"] - s["start_s"] for s in history["segments"])
+    assert sum(t["talk_seconds"] for t in history["talk"]) == pytest.approx(stored)
+    assert any(h["stream_id"] == "ws-pcm" for h in client.get("/history").json()["data"]["items"])
+    assert client.get("/history/nothing-here").status_code == 404
+
+    short = sorted(
+        by_speaker(load_manifest(shared_data), "librispeech/test-other")["ls-2609"],
+        key=lambda u: u.duration_s,
+    )[0]
+    check = client.post(
+        "/speakers/check", files={"files": (short.path.name, short.path.read_bytes(), "audio/flac")}
+    )
+    assert check.status_code == 200
+    verdict = check.json()["data"]
+    assert verdict["passes"] is False and "s of speech found" in verdict["reason"]
+    total = client.get("/speakers").json()["data"]["total"]
+    enough = stack["scenario"].enrollments[next(iter(stack["scenario"].enrollments))]
+    uploads = [("files", (f.name, f.read_bytes(), "audio/flac")) for f in enough]
+    verdict = client.post("/speakers/check", files=uploads).json()["data"]
+    assert verdict["passes"] is True and verdict["speech_seconds"] >= 10
+    time.sleep(1)  # nothing is stored: the gallery has as many speakers as before
+    assert client.get("/speakers").json()["data"]["total"] == total
 
 
 def test_exported_clips_expire_after_the_retention(tmp_path):

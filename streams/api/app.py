@@ -3,27 +3,34 @@
 Every response uses the envelope `{success, data, error}`. The gateway does no speech processing of its
 own: uploads become records on the request topics (enrollment, verification, audio) and the answers come
 back from the result topics through the `ResultHub`; history is read from PostgreSQL. The routes live by
-resource: speakers.py (speakers and verification), jobs.py (files as streams), live.py (WebSocket calls).
+resource: speakers.py (speakers and verification), jobs.py (files as streams), live.py (WebSocket calls),
+console.py (the web console at `/` and what it reads). /docs is Swagger UI from a wheel, not a CDN.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
+import importlib.util
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+import speakerflow.streams.api.console as console
 import speakerflow.streams.api.jobs as jobs
 import speakerflow.streams.api.live as live
 import speakerflow.streams.api.speakers as speakers
 from speakerflow.streams.api.gateway import Gateway, fail, ok
 from speakerflow.streams.settings import Settings
 
-OPEN_PATHS = {"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+OPEN_PATHS = {"/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+# Static files: the console's pages and Swagger UI's assets hold no data; the data routes want the key.
+OPEN_PREFIXES = ("/console/", "/docs-assets/")
 
 
 def create_app(settings: Settings, database_url: str) -> FastAPI:
@@ -44,15 +51,19 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         description="Who is speaking: enrollment, identification, diarization, verification.",
+        docs_url=None,  # served below from the wheel's assets: no CDN, works offline
+        redoc_url=None,
     )
     app.state.gateway = gw
+    _add_offline_docs(app)
+    app.mount("/console", StaticFiles(directory=console.CONSOLE_DIR), name="console")
 
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):
-        if gw.api_keys and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("x-api-key", "")
-            if not any(secrets.compare_digest(given, key) for key in gw.api_keys):
-                return fail(401, "unauthorized", "missing or wrong X-API-Key header")
+        path = request.url.path
+        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+        if gw.api_keys and not open_path and not gw.key_ok(request.headers.get("x-api-key", "")):
+            return fail(401, "unauthorized", "missing or wrong X-API-Key header")
         return await call_next(request)
 
     @app.exception_handler(HTTPException)
@@ -68,6 +79,38 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     async def health() -> JSONResponse:
         return ok({"status": "ok", "hub_ready": gw.hub.ready.is_set()})
 
-    for module in (speakers, jobs, live):
+    for module in (speakers, jobs, live, console):
         app.include_router(module.router)
     return app
+
+
+def _add_offline_docs(app: FastAPI) -> None:
+    """Swagger UI 5 (it reads the OpenAPI 3.1 that FastAPI writes) from the swagger-ui-py wheel's
+    assets instead of a CDN, so /docs works offline."""
+    spec = importlib.util.find_spec("swagger_ui")
+    assets = Path(spec.submodule_search_locations[0]) / "static" if spec else None
+    if assets is not None and not (assets / "swagger-ui-bundle.js").is_file():
+        assets = None
+    if assets is not None:
+        app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if assets is None:
+            return HTMLResponse(
+                "<p>Swagger UI's files are not installed (pip install swagger-ui-py); the API description "
+                'is at <a href="/openapi.json">/openapi.json</a>.</p>'
+            )
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="speakerflow API",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # the default validator badge calls out
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
-from fastapi import Request, UploadFile
+from fastapi import Request, UploadFile, WebSocket
 from fastapi.responses import JSONResponse
 from psycopg.rows import dict_row
 from starlette.exceptions import HTTPException
@@ -50,6 +51,21 @@ class Gateway:
     def topic(self, name: str) -> str:
         return self.settings.topic(name)
 
+    def key_ok(self, given: str) -> bool:
+        return any(secrets.compare_digest(given, key) for key in self.api_keys)
+
+    async def websocket_admitted(self, ws: WebSocket) -> bool:
+        """Accept the socket if its key is good; else close it with code 4401 and a reason, after the
+        handshake so that clients (browsers too) can read them. Browsers cannot set headers on a
+        WebSocket, so `?api_key=` stands in for X-API-Key."""
+        good = not self.api_keys or self.key_ok(
+            ws.headers.get("x-api-key", ws.query_params.get("api_key", ""))
+        )
+        await ws.accept()
+        if not good:
+            await ws.close(code=4401, reason="missing or wrong API key")
+        return good
+
     async def db(self, query: str, params: tuple | list = ()) -> list[dict]:
         def run() -> list[dict]:
             with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
@@ -66,7 +82,10 @@ class Gateway:
         data = await upload.read(limit + 1)
         if len(data) > limit:
             raise ApiError(
-                413, "too_large", f"{upload.filename}: larger than {self.settings.api_max_upload_mb} MB"
+                413,
+                "too_large",
+                f"{upload.filename}: larger than the {self.settings.api_max_upload_mb:g} MB upload limit "
+                "(SPEAKERFLOW_API_MAX_UPLOAD_MB)",
             )
         try:
             return await asyncio.to_thread(decode_file, data)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from speakerflow.streams import queries
 from speakerflow.streams.api.gateway import (
@@ -26,6 +26,7 @@ from speakerflow.streams.api.gateway import (
     safe_name,
     segment_json,
 )
+from speakerflow.streams.api.live import cut_recording, recording_of
 from speakerflow.streams.topology import SEGMENTS_IDENTIFIED, STREAMS
 
 router = APIRouter()
@@ -70,11 +71,31 @@ async def get_job(job_id: str, gw: Gateway = Depends(gateway)) -> JSONResponse:
 
 
 @router.get("/segments/{job_id}/audio/{segment_id}")
-async def segment_audio(job_id: str, segment_id: str, gw: Gateway = Depends(gateway)) -> FileResponse:
+async def segment_audio(job_id: str, segment_id: str, gw: Gateway = Depends(gateway)) -> Response:
+    """The exported clip of a job's segment, or the segment cut from a live call's kept PCM (WebSocket
+    with `?export_segments=true`)."""
     path = gw.export_dir / safe_name(job_id) / f"{safe_name(segment_id)}.wav"
-    if not path.is_file():
-        raise ApiError(404, "not_found", "no exported clip for this segment (post with export_segments=true)")
-    return FileResponse(path, media_type="audio/wav")
+    if path.is_file():
+        return FileResponse(path, media_type="audio/wav")
+    recording = recording_of(gw.export_dir / safe_name(job_id))
+    span = await _segment_span(gw, job_id, segment_id) if recording else None
+    if recording is None or span is None:
+        raise ApiError(
+            404,
+            "not_found",
+            "no audio kept for this segment (post with export_segments=true, or stream with "
+            "?export_segments=true)",
+        )
+    return Response(await asyncio.to_thread(cut_recording, recording, *span), media_type="audio/wav")
+
+
+async def _segment_span(gw: Gateway, stream_id: str, segment_id: str) -> tuple[float, float] | None:
+    """Start and end of a segment: from the live records the hub holds, else from PostgreSQL."""
+    for record in gw.hub.live.segments(stream_id):
+        if record["segment_id"] == segment_id:
+            return record["start_s"], record["end_s"]
+    rows = await gw.db(queries.SEGMENT_SPAN, (stream_id, segment_id))
+    return (rows[0]["start_s"], rows[0]["end_s"]) if rows else None
 
 
 async def submit(

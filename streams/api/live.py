@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import logging
-import secrets
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import soundfile as sf
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from speakerflow.streams.api.gateway import SAMPLE_RATE, Gateway, segment_json
+from speakerflow.streams.api.gateway import SAMPLE_RATE, Gateway, safe_name, segment_json
 from speakerflow.streams.records import audio_chunk
 from speakerflow.streams.runtime import now_ms
 from speakerflow.streams.topology import AUDIO, SEGMENTS_IDENTIFIED
@@ -25,14 +29,11 @@ router = APIRouter()
 @router.websocket("/streams/{stream_id}")
 async def live_stream(ws: WebSocket, stream_id: str) -> None:
     gw: Gateway = ws.app.state.gateway
-    if gw.api_keys and not any(
-        secrets.compare_digest(ws.headers.get("x-api-key", ws.query_params.get("api_key", "")), k)
-        for k in gw.api_keys
-    ):
-        await ws.close(code=4401)
+    if not await gw.websocket_admitted(ws):
         return
-    await ws.accept()
     session = LiveSession(gw, stream_id, int(ws.query_params.get("sample_rate", SAMPLE_RATE)))
+    if ws.query_params.get("export_segments", "").lower() in ("1", "true"):
+        session.record_to(gw.export_dir / safe_name(stream_id))
     with gw.hub.subscribe(SEGMENTS_IDENTIFIED, stream_id) as segments:
         forward = asyncio.create_task(_forward_segments(ws, segments))
         try:
@@ -56,6 +57,13 @@ class LiveSession:
         self.encoding = "PCM_S16LE"
         self.seq = 0
         self.closed = False
+        self.recording: Any = None
+
+    def record_to(self, folder: Path) -> None:
+        """Keep the call's PCM (raw s16le) so that its segments can be played back; removed with the
+        exported clips after the retention period."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.recording = open(folder / f"{RECORDING}-{self.sample_rate}.s16le", "ab")  # noqa: SIM115
 
     async def receive_all(self, ws: WebSocket) -> None:
         try:
@@ -88,6 +96,9 @@ class LiveSession:
         return kind
 
     def send(self, payload: bytes, end: bool = False) -> None:
+        if self.recording is not None and self.encoding == "PCM_S16LE":
+            self.recording.write(payload)
+            self.recording.flush()
         record = audio_chunk(
             self.stream_id,
             self.seq,
@@ -107,6 +118,8 @@ class LiveSession:
             self.closed = True
             self.send(b"", end=True)
             self.gw.publisher.flush()
+            if self.recording is not None:
+                self.recording.close()
 
 
 async def _forward_segments(ws: WebSocket, segments: asyncio.Queue) -> None:
@@ -116,3 +129,24 @@ async def _forward_segments(ws: WebSocket, segments: asyncio.Queue) -> None:
             await ws.send_json({"type": "segment", **segment_json(record)})
         except (RuntimeError, WebSocketDisconnect):
             return
+
+
+RECORDING = "recording"
+
+
+def recording_of(folder: Path) -> Path | None:
+    """The PCM a live call kept in its export folder (`?export_segments=true`), if any."""
+    found = sorted(folder.glob(f"{RECORDING}-*.s16le")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
+def cut_recording(path: Path, start_s: float, end_s: float) -> bytes:
+    """A WAV of [start_s, end_s) of a raw s16le recording (its rate is in its name)."""
+    rate = int(path.stem.rsplit("-", 1)[1])
+    first, last = int(start_s * rate), int(end_s * rate)
+    with open(path, "rb") as f:
+        f.seek(first * 2)
+        pcm = np.frombuffer(f.read(max(last - first, 0) * 2), dtype="<i2")
+    out = io.BytesIO()
+    sf.write(out, pcm, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()

@@ -97,6 +97,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with database(settings) as url:
         migrate(url)
-        print(f"speakerflow API on http://{args.host}:{args.port} (OpenAPI docs at /docs)", flush=True)
+        base = f"http://{args.host}:{args.port}"
+        print(f"speakerflow API on {base}: web console at {base}/, OpenAPI docs at {base}/docs", flush=True)
         uvicorn.run(create_app(settings, url), host=args.host, port=args.port, log_level="warning")
     return 0

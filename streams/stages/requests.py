@@ -21,6 +21,9 @@ from speakerflow.streams.topology import ENROLLMENT_RESULTS, GALLERY, VERIFICATI
 
 log = logging.getLogger(__name__)
 
+# EnrollmentRequest metadata key: "true" runs the quality gate and answers without storing anything.
+CHECK_ONLY = "check_only"
+
 
 def sample_audio(sample: dict) -> np.ndarray:
     """Decode an AudioSample record (inline payload, or a file path/`file://` URI on this worker)."""
@@ -94,6 +97,16 @@ class EnrollProcessor(Processor):
                     self.policy,
                     request["metadata"],
                 )
+                if request["metadata"].get(CHECK_ONLY) == "true":  # the gate's verdict, nothing stored
+                    result |= {
+                        "accepted": True,
+                        "reason": "passes the quality gate (not stored)",
+                        "speech_seconds": round(outcome.speech_seconds, 2),
+                        "quality": round(outcome.quality, 4),
+                        "sample_count": len(samples),
+                    }
+                    self._reply(request, result, publisher)
+                    return
                 voiceprint = outcome.voiceprint
                 previous = self._written.get(speaker_id, self.gallery.get(speaker_id))
                 if (
@@ -113,9 +126,16 @@ class EnrollProcessor(Processor):
             except (AudioDecodeError, EnrollmentRejected) as exc:
                 result["reason"] = str(exc)
                 self.metrics.inc("enrollment.rejected")
+        self._reply(request, result, publisher)
+
+    def _reply(self, request: dict, result: dict, publisher: Publisher) -> None:
         result["processed_at_ms"] = now_ms()
-        publisher.publish(self.settings.topic(ENROLLMENT_RESULTS), speaker_id, "EnrollmentResult", result)
-        log.info("enrollment %s (%s): %s", speaker_id, request["mode"], result["reason"] or "accepted")
+        publisher.publish(
+            self.settings.topic(ENROLLMENT_RESULTS), request["speaker_id"], "EnrollmentResult", result
+        )
+        log.info(
+            "enrollment %s (%s): %s", request["speaker_id"], request["mode"], result["reason"] or "accepted"
+        )
 
 
 class VerifyProcessor(Processor):
