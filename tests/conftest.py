@@ -69,3 +69,10 @@ def ge2e():
     from speakerflow.processors.embedding import Ge2eEmbedder
 
     return Ge2eEmbedder("cpu")
+
+
+@pytest.fixture(scope="session")
+def campplus():
+    from speakerflow.processors.embedding.campplus import CampplusEmbedder
+
+    return CampplusEmbedder("cpu")

