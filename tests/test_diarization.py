@@ -1,4 +1,5 @@
-"""StreamDiarizer on real speech with the real GE2E model: accuracy, snapshots, the stage's chunk order."""
+"""StreamDiarizer on real speech with the real models: accuracy (CAM++ and GE2E), snapshots (GE2E), the
+stage's chunk order."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from speakerflow.evaluation.corpus import load_manifest
 from speakerflow.evaluation.diarization import Scorer, annotation, final_live, run_stream
 from speakerflow.evaluation.simulation import SimulationConfig, simulate
-from speakerflow.processors.diarization import DiarizerConfig, StreamDiarizer
+from speakerflow.processors.diarization import StreamDiarizer, config_for_embedder
 from speakerflow.streams.runtime import Metrics
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.stages.diarize import DiarizeProcessor
@@ -27,10 +28,12 @@ def conversation(shared_data: Path):
     return conv.audio, conv.reference
 
 
-def test_streamed_conversation_is_diarized(conversation, ge2e) -> None:
+@pytest.mark.parametrize("family", ["campplus", "ge2e"])
+def test_streamed_conversation_is_diarized(conversation, family, request) -> None:
     audio, reference_turns = conversation
     reference = annotation([(t.start_s, t.end_s, t.speaker) for t in reference_turns])
-    run = run_stream(audio, DiarizerConfig(), ge2e.embed, chunk_s=0.5)
+    embedder = request.getfixturevalue(family)
+    run = run_stream(audio, config_for_embedder(family), embedder.embed, chunk_s=0.5)
     scorer = Scorer()
     revision = scorer.add("c", "revision", reference, annotation(run.revision), None)
     live = scorer.add("c", "live", reference, final_live(run.emissions), None)

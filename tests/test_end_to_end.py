@@ -1,6 +1,6 @@
 """The first real path: enrollment -> gallery -> live stream -> identified segments -> PostgreSQL.
 
-Real speech, the real embedded broker, real PostgreSQL and the real GE2E model; nothing mocked.
+Real speech, the real embedded broker, real PostgreSQL and the default model (CAM++); nothing mocked.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
-def test_identifies_enrolled_speakers_and_flags_a_stranger(settings, database_url, ge2e, shared_data):
+def test_identifies_enrolled_speakers_and_flags_a_stranger(settings, database_url, campplus, shared_data):
+    assert settings.embedder == campplus.name  # the default embedder
     scenario = librispeech_scenario(shared_data, turns=8)
-    worker = Worker(settings, database_url=database_url, embedder=ge2e)
+    worker = Worker(settings, database_url=database_url, embedder=campplus)
     worker.start()
     try:
         publisher = Publisher(settings)

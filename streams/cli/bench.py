@@ -333,8 +333,8 @@ def cmd_bench_diarize(args: argparse.Namespace) -> int:
     from speakerflow.streams.settings import Settings
     from speakerflow.streams.stages.diarize import diarizer_config
 
-    config = diarizer_config(Settings.from_env())
     embedder = configured_embedder("")
+    config = diarizer_config(Settings.from_env(), embedder.name)
     embedder.embed([decode_file(multi_speaker_items(args.manifest)[0].audio)[:32000]])  # warm-up
     totals = dict.fromkeys(("vad", "embed", "cluster", "revise"), 0.0)
     audio_s = 0.0

@@ -494,8 +494,8 @@ def cmd_eval_diarize(args: argparse.Namespace) -> int:
         print(f"error: no speaker=multi rows with an RTTM in {args.manifest}", file=sys.stderr)
         return 2
     latencies = tuple(float(x) for x in args.latency.split(",") if x.strip())
-    config = diarizer_config(Settings.from_env())
     embedder = configured_embedder(args.embedder)
+    config = diarizer_config(Settings.from_env(), embedder.name)
     scorer = Scorer()
     plot_dir = Path(args.plot) if args.plot else None
     if plot_dir:

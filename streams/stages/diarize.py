@@ -32,6 +32,7 @@ from speakerflow.processors.diarization import (
     StreamDiarizer,
     TurnUpdate,
     Window,
+    config_for_embedder,
 )
 from speakerflow.processors.embedding import Embedder
 from speakerflow.processors.vad import VadConfig
@@ -57,14 +58,19 @@ class ChunkRejected(ValueError):
     """A chunk that is well-formed Avro but cannot be used (wrong format for its stream, etc.)."""
 
 
-def diarizer_config(settings: Settings) -> DiarizerConfig:
-    """The diarizer of every stream, from the settings."""
-    return DiarizerConfig(
+def diarizer_config(settings: Settings, family: str = "") -> DiarizerConfig:
+    """The diarizer of every stream, from the settings; clustering thresholds follow the embedder
+    family (`family`, else the configured SPEAKERFLOW_EMBEDDER)."""
+    explicit = (
+        {"new_speaker_distance": settings.new_speaker_threshold} if settings.new_speaker_threshold else {}
+    )
+    return config_for_embedder(
+        family or settings.embedder,
         window_s=settings.window_s,
         hop_s=settings.hop_s,
         latency_s=settings.latency_s,
-        new_speaker_distance=settings.new_speaker_threshold,
         vad=VadConfig(threshold=settings.vad_threshold),
+        **explicit,
     )
 
 
@@ -83,7 +89,7 @@ class DiarizeProcessor(Processor):
         self.settings = settings
         self.embedder = embedder
         self.metrics = metrics
-        self.config = diarizer_config(settings)
+        self.config = diarizer_config(settings, embedder.name)
         self.streams: dict[str, StreamState] = {}
         self.store = DiarizerStateStore(settings)
         self._out_topic = settings.topic(SEGMENTS_DIARIZED)
