@@ -22,12 +22,18 @@ class EnrollmentPolicy:
     max_total_s: longest audio accepted in one request (guards memory and latency).
     max_clipped_fraction: share of samples at full scale above which audio is too distorted.
     min_level_dbfs: speech quieter than this (RMS) is too faint to trust.
-    min_consistency: lowest cosine of any speech window to the sample's centroid; a second voice in
-        the sample pulls some windows far from the centroid.
+    min_consistency: lowest cosine of any 3-s speech window to the sample's centroid; a second voice
+        in the sample pulls some windows far from the centroid (families without a `voices_cut`).
     max_split_similarity: the windows are split in two groups (average-linkage clustering); when the
         smaller group holds at least `min_split_share` of them and the two group centroids are less
         alike than this cosine, the sample holds two voices. Tuned for GE2E on ../shared/data, where
-        one speaker's groups sit at 0.89-0.92 and two speakers' at 0.59-0.83.
+        one speaker's groups sit at 0.89-0.92 and two speakers' at 0.59-0.83. Used for embedder
+        families without a `voices_cut` (CAM++'s single speakers split as low as 0.72 here).
+    voices_cut: per embedder family, the AHC cut (cosine distance, average linkage) at which short
+        windows (`voice_window_s` every `voice_hop_s`) of the speech are clustered into voices; the
+        sample is refused when a second voice holds at least `min_second_voice_windows` windows and
+        `min_second_voice_share` of them. CAM++ uses its end-of-stream diarization cut (see README,
+        enrollment gates, for the measured separation).
     """
 
     min_speech_s: float = 10.0
@@ -38,6 +44,11 @@ class EnrollmentPolicy:
     max_split_similarity: float = 0.80
     min_split_share: float = 0.2
     window_s: float = 3.0
+    voices_cut: tuple[tuple[str, float], ...] = (("campplus", 0.62),)
+    voice_window_s: float = 1.5
+    voice_hop_s: float = 0.75
+    min_second_voice_windows: int = 3
+    min_second_voice_share: float = 0.1
 
 
 class EnrollmentRejected(ValueError):
@@ -48,7 +59,7 @@ class EnrollmentRejected(ValueError):
 class EnrollmentOutcome:
     voiceprint: Voiceprint
     speech_seconds: float
-    quality: float  # mean cosine of the speech windows to the centroid, 0..1
+    quality: float  # mean cosine of the speech windows (3 s; 1.5 s with a voices_cut) to the centroid, 0..1
 
 
 def enroll(
@@ -77,6 +88,26 @@ def enroll(
         )
     joined = np.concatenate(speech)
     _check_levels(joined, policy)
+    cut = dict(policy.voices_cut).get(embedder.name)
+    if cut is None:
+        window_embeddings, centroid = _check_consistency(joined, embedder, policy)
+    else:
+        # One call for the short windows and the whole speech, so the embedder batches them together.
+        short = _windows(joined, policy.voice_window_s, policy.voice_hop_s)
+        rows = embedder.embed([*short, joined])
+        window_embeddings, centroid = rows[:-1], rows[-1]
+        _check_voices(window_embeddings, cut, policy)
+    agreement = window_embeddings @ centroid
+    voiceprint = Voiceprint(
+        speaker_id, name, embedder.model_id, centroid, len(samples), speech_s, now_ms, dict(metadata or {})
+    )
+    return EnrollmentOutcome(voiceprint, speech_s, float(np.clip(agreement.mean(), 0.0, 1.0)))
+
+
+def _check_consistency(
+    joined: np.ndarray, embedder: Embedder, policy: EnrollmentPolicy
+) -> tuple[np.ndarray, np.ndarray]:
+    """GE2E's gates: 3-s windows near the centroid, and no two-group split; (window rows, centroid)."""
     windows = _windows(joined, policy.window_s)
     window_embeddings = embedder.embed(windows)
     centroid = embedder.embed([joined])[0]
@@ -87,10 +118,7 @@ def enroll(
             f"{float(agreement.min()):.2f} < {policy.min_consistency:.2f}); enroll one voice per request"
         )
     _check_one_voice(window_embeddings, policy)
-    voiceprint = Voiceprint(
-        speaker_id, name, embedder.model_id, centroid, len(samples), speech_s, now_ms, dict(metadata or {})
-    )
-    return EnrollmentOutcome(voiceprint, speech_s, float(np.clip(agreement.mean(), 0.0, 1.0)))
+    return window_embeddings, centroid
 
 
 def _check_one_voice(embeddings: np.ndarray, policy: EnrollmentPolicy) -> None:
@@ -111,6 +139,25 @@ def _check_one_voice(embeddings: np.ndarray, policy: EnrollmentPolicy) -> None:
         )
 
 
+def _check_voices(embeddings: np.ndarray, cut: float, policy: EnrollmentPolicy) -> None:
+    """Refuse a sample whose short windows cluster into two voices, the second one not negligible."""
+    if len(embeddings) < 2 * policy.min_second_voice_windows:
+        return
+    from speakerflow.processors.offline_clustering import ahc
+
+    sizes = np.sort(np.bincount(ahc(embeddings, cut)))[::-1]
+    second = int(sizes[1]) if len(sizes) > 1 else 0
+    share = second / len(embeddings)
+    if second >= policy.min_second_voice_windows and share >= policy.min_second_voice_share:
+        voices = int(np.sum(sizes >= policy.min_second_voice_windows))
+        seconds = (second - 1) * policy.voice_hop_s + policy.voice_window_s
+        raise EnrollmentRejected(
+            f"the sample holds {voices} voices (a second voice speaks for about {seconds:.0f} s, "
+            f"{share:.0%} of the speech); "
+            "enroll one speaker per request"
+        )
+
+
 def _check_levels(speech: np.ndarray, policy: EnrollmentPolicy) -> None:
     clipped = float(np.mean(np.abs(speech) >= 0.999))
     if clipped > policy.max_clipped_fraction:
@@ -122,11 +169,13 @@ def _check_levels(speech: np.ndarray, policy: EnrollmentPolicy) -> None:
         )
 
 
-def _windows(speech: np.ndarray, window_s: float) -> list[np.ndarray]:
+def _windows(speech: np.ndarray, window_s: float, hop_s: float = 0.0) -> list[np.ndarray]:
+    """Windows of `window_s` every `hop_s` (default: back to back) covering `speech`."""
     size = int(window_s * SAMPLE_RATE)
+    step = int(hop_s * SAMPLE_RATE) or size
     if len(speech) <= size:
         return [speech]
-    return [speech[i : i + size] for i in range(0, len(speech) - size + 1, size)]
+    return [speech[i : i + size] for i in range(0, len(speech) - size + 1, step)]
 
 
 def score_files(embedder: Embedder, enrol: Sequence[np.ndarray], test: np.ndarray) -> float:
