@@ -30,7 +30,7 @@ import numpy as np
 
 from speakerflow.evaluation.corpus import Turn, build_conversation, by_speaker, load_audio, load_manifest
 from speakerflow.gallery.enrollment import EnrollmentPolicy, EnrollmentRejected, enroll
-from speakerflow.gallery.matcher import Gallery, Matcher
+from speakerflow.gallery.matcher import Gallery, Matcher, rules_for
 from speakerflow.processors.diarization import StreamDiarizer, TurnUpdate, config_for_embedder
 from speakerflow.processors.embedding import Embedder
 from speakerflow.processors.scoring import Calibration
@@ -54,10 +54,10 @@ class MatcherVariant:
     name: str
     exclusive: bool = Matcher.exclusive  # defaults: the Matcher's own
     relabel: bool = Matcher.relabel
-    margin: float = Matcher.margin
+    margin: float | None = None  # None: the embedder family's (`rules_for`)
     threshold: float = 0.0  # 0 = the calibration's
-    sure_offset: float = Matcher.sure_offset
-    consistency: float = Matcher.consistency
+    sure_offset: float | None = None
+    consistency: float | None = None
 
 
 DEFAULT_VARIANTS = (
@@ -289,15 +289,11 @@ def score_variant(
     enrolled = {vp.speaker_id for vp in gallery.speakers()}
     if variant.threshold > 0:
         calibration = Calibration(variant.threshold, calibration.slope)
-    matcher = Matcher(
-        gallery,
-        calibration,
-        exclusive=variant.exclusive,
-        relabel=variant.relabel,
-        margin=variant.margin,
-        sure_offset=variant.sure_offset,
-        consistency=variant.consistency,
-    )
+    rules = rules_for(gallery.model_id)
+    for rule in ("margin", "sure_offset", "consistency"):
+        if getattr(variant, rule) is not None:
+            rules[rule] = getattr(variant, rule)
+    matcher = Matcher(gallery, calibration, exclusive=variant.exclusive, relabel=variant.relabel, **rules)
     last_tally, first_tally = _Tally(), _Tally()
     relabelled = 0
     for conv in conversations:

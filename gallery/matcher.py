@@ -32,6 +32,7 @@ Decisions, made again whenever a segment of the stream arrives:
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from speakerflow.gallery.index import VectorIndex, make_index
 from speakerflow.gallery.voiceprint import Voiceprint
 from speakerflow.processors.scoring import Calibration
 
+log = logging.getLogger(__name__)
 UNKNOWN = "UNKNOWN"
 
 
@@ -73,6 +75,7 @@ class Gallery:
         self._voiceprints: dict[str, Voiceprint] = {}
         self._lock = threading.Lock()
         self.skipped_other_model = 0
+        self._reported_models: set[str] = set()
         self.version = 0
 
     def __len__(self) -> int:
@@ -92,6 +95,18 @@ class Gallery:
         """Apply a gallery record; voiceprints of another model are ignored (never compared)."""
         if voiceprint.model_id != self.model_id or voiceprint.dim != self.dim:
             self.skipped_other_model += 1
+            if voiceprint.model_id not in self._reported_models:
+                # Said once per foreign model: e.g. a GE2E gallery read by CAM++ workers after the switch.
+                self._reported_models.add(voiceprint.model_id)
+                log.warning(
+                    "gallery holds voiceprints of model %s (dim %d), not of this worker's %s (dim %d): "
+                    "ignored, never compared; re-enroll those speakers with %s",
+                    voiceprint.model_id,
+                    voiceprint.dim,
+                    self.model_id,
+                    self.dim,
+                    self.model_id,
+                )
             return False
         with self._lock:
             self._voiceprints[voiceprint.speaker_id] = voiceprint
@@ -150,6 +165,19 @@ class _Stream:
             if segment.in_revision >= self.labelling:
                 by_label.setdefault(segment.label, []).append((segment_id, segment))
         return by_label
+
+
+# The margin rule and pooling in cosine units per embedder family (model id prefix); the Matcher's own
+# defaults are GE2E's. CAM++'s were chosen on `eval gallery --seed 0` only (README, identification).
+RULES_BY_FAMILY: dict[str, dict[str, float]] = {
+    "campplus": {"margin": 0.16, "sure_offset": 0.15, "consistency": 0.0},
+}
+
+
+def rules_for(model_id: str) -> dict[str, float]:
+    """margin, sure_offset and consistency for the embedder family of `model_id`."""
+    ge2e = {"margin": Matcher.margin, "sure_offset": Matcher.sure_offset, "consistency": Matcher.consistency}
+    return ge2e | RULES_BY_FAMILY.get(model_id.split("-", 1)[0], {})
 
 
 @dataclass

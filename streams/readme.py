@@ -33,23 +33,26 @@ def enrollment_text() -> str:
 
 
 def identification_text() -> str:
-    from speakerflow.gallery.matcher import Matcher
+    from speakerflow.gallery.matcher import rules_for
     from speakerflow.processors.scoring import DEFAULT_THRESHOLDS
 
     defaults = Settings()
     threshold = DEFAULT_THRESHOLDS[defaults.embedder]
-    family = defaults.embedder.upper()
-    margin, sure, pool = _n(defaults.match_margin), _n(Matcher.sure_offset), _n(Matcher.consistency)
+    family = {"campplus": "CAM++"}.get(defaults.embedder, defaults.embedder.upper())
+    rules = rules_for(defaults.embedder)  # the default family's; SPEAKERFLOW_MATCH_MARGIN -1 keeps them
+    margin, sure, pool = _n(rules["margin"]), _n(rules["sure_offset"]), _n(rules["consistency"])
+    pooled = f"threshold + {pool}" if rules["consistency"] else "the threshold"
     return f"""\
 **Identification** (`streams/stages/match.py` calls `gallery/matcher.py`): each diarized segment is
 identified from its own embedding, pooled with the segments of the same diarized label that sound like it
-(cosine of at least threshold + {pool}). Segments that do not sound alike are not pooled, because live
+(cosine of at least {pooled}). Segments that do not sound alike are not pooled, because live
 diarization sometimes puts two voices in one label. A segment gets a name only if:
 - its score reaches the calibrated threshold ({family}, the default embedder: {_n(threshold)} without a
   calibration file; `SPEAKERFLOW_MATCH_THRESHOLD` overrides it), and
-- the best voiceprint beats the runner-up by `SPEAKERFLOW_MATCH_MARGIN` (default {margin}). This check
-  is skipped when the score is at least threshold + {sure} (a sure score). A stranger tends to score
-  about the same against several voiceprints; an enrolled speaker stands out from the rest.
+- the best voiceprint beats the runner-up by `SPEAKERFLOW_MATCH_MARGIN` (default -1, the embedder
+  family's: {margin} for {family}). This check is skipped when the score is at least threshold + {sure}
+  (a sure score). A stranger tends to score about the same against several voiceprints; an enrolled
+  speaker stands out from the rest.
 
 Otherwise the segment is `UNKNOWN`, and it still carries the top-k candidates and their scores. Its
 `confidence` says how sure the label is, a name's or UNKNOWN's alike: a name's is

@@ -136,8 +136,9 @@ class Settings:
     )
     match_margin: float = _env(
         "SPEAKERFLOW_MATCH_MARGIN",
-        0.08,
-        "Best voiceprint must beat the runner-up by this cosine margin (0 = off; waived for sure scores).",
+        -1.0,
+        "Best voiceprint must beat the runner-up by this cosine margin (0 = off; waived for sure scores); "
+        "-1 = the embedder's (ge2e 0.08, campplus 0.16).",
     )
     match_exclusive: bool = _env(
         "SPEAKERFLOW_MATCH_EXCLUSIVE", True, "Two labels of one stream cannot be the same enrolled speaker."

@@ -73,3 +73,18 @@ def test_missing_weights_name_the_remedy(monkeypatch: pytest.MonkeyPatch, tmp_pa
 def test_int8_is_refused_rather_than_ignored() -> None:
     with pytest.raises(EmbedderUnavailable, match="int8"):
         load_embedder("campplus", "cpu", precision="int8")
+
+
+def test_a_gallery_of_another_model_is_reported_not_compared(campplus, ge2e, voices, caplog) -> None:
+    from gallery.matcher import Gallery
+    from gallery.voiceprint import Voiceprint
+
+    wavs = next(iter(voices.values()))
+    gallery = Gallery(campplus.model_id, campplus.dim)
+    old = Voiceprint("alice", "Alice", ge2e.model_id, ge2e.embed(wavs[:1])[0], 1, 10.0, 0)
+    new = Voiceprint("bob", "Bob", campplus.model_id, campplus.embed(wavs[:1])[0], 1, 10.0, 0)
+    with caplog.at_level("WARNING", logger="speakerflow.gallery.matcher"):
+        assert not gallery.upsert(old) and not gallery.upsert(old)
+    assert gallery.upsert(new) and len(gallery) == 1 and gallery.skipped_other_model == 2
+    warnings = [r.getMessage() for r in caplog.records if ge2e.model_id in r.getMessage()]
+    assert len(warnings) == 1 and "never compared" in warnings[0]

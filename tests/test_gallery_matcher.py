@@ -244,3 +244,16 @@ def test_unknown_confidence_says_how_sure_unknown_is(basis):
     solo.observe("s", "s:0", "A", _at(basis[0], basis[7], 0.85), 20, is_final=True)
     lost = solo.observe("s", "s:1", "C", _unit(0.68 * basis[0] + 0.73 * basis[9]), 2)[0].identification
     assert lost.speaker_id is None and lost.score > THRESHOLD and lost.confidence > 0.9
+
+
+def test_margin_rule_follows_the_embedder_family():
+    from speakerflow.gallery.matcher import rules_for
+    from speakerflow.streams.settings import Settings
+    from speakerflow.streams.stages.match import build_gallery_and_matcher
+
+    assert rules_for("ge2e-resemblyzer-1234") == {"margin": 0.08, "sure_offset": 0.08, "consistency": 0.08}
+    assert rules_for("campplus-zh_en-1234") == {"margin": 0.16, "sure_offset": 0.15, "consistency": 0.0}
+    _, matcher = build_gallery_and_matcher(Settings(), "campplus-zh_en-1234", 192, Calibration(0.5))
+    assert (matcher.margin, matcher.sure_offset, matcher.consistency) == (0.16, 0.15, 0.0)
+    _, matcher = build_gallery_and_matcher(Settings(match_margin=0.0), "ge2e-x", 256, Calibration(0.75))
+    assert (matcher.margin, matcher.sure_offset) == (0.0, 0.08)  # an explicit margin wins

@@ -11,7 +11,7 @@ import time
 
 from confluent_kafka import Message
 
-from speakerflow.gallery.matcher import Emission, Gallery, Identification, Matcher
+from speakerflow.gallery.matcher import Emission, Gallery, Identification, Matcher, rules_for
 from speakerflow.processors.scoring import Calibration
 from speakerflow.streams.runtime import Metrics, Processor, Publisher, decode_or_dead_letter, now_ms
 from speakerflow.streams.settings import Settings
@@ -35,13 +35,16 @@ def build_gallery_and_matcher(
 ) -> tuple[Gallery, Matcher]:
     """The gallery table and matcher of a worker, configured from settings."""
     gallery = Gallery(model_id, dim, exact_max=settings.index_exact_max)
+    rules = rules_for(model_id)
+    if settings.match_margin >= 0:
+        rules["margin"] = settings.match_margin
     matcher = Matcher(
         gallery,
         calibration,
         top_k=settings.top_k,
-        margin=settings.match_margin,
         exclusive=settings.match_exclusive,
         relabel=settings.match_relabel,
+        **rules,
     )
     return gallery, matcher
 
