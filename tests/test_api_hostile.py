@@ -214,6 +214,8 @@ def test_malformed_websocket_frames_close_with_a_reason(gateway):
     for uri, frames in cases.items():
         code, reason = asyncio.run(_ws_close(uri, frames))
         assert code == 4422 and reason, (uri, code, reason)
+    code, _ = asyncio.run(_ws_close(f"{base}/alice.big?api_key={CLIENT}", [b"\0" * (1024 * 1024 + 2)]))
+    assert code == 1009
     # A client key may not open (watch or feed) another owner's stream; an admin key may.
     code, reason = asyncio.run(_ws_close(f"{base}/bob.call?api_key={CLIENT}"))
     assert code == 4403 and "alice." in reason

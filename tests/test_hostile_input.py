@@ -209,3 +209,43 @@ def test_a_record_too_large_to_publish_is_dead_lettered():
     with pytest.raises(RecordTooLarge):
         Nowhere().publish("t", "big", "AudioChunk", record)
     assert codec.encode("AudioChunk", audio_chunk("ok", 0, 0, b"", True))
+
+
+def test_the_runtime_guard_dead_letters_any_exception_of_any_stage(settings):
+    """The guard is the loop's, not a stage's: a toy stage that raises a plain RuntimeError on one record
+    of a batch gets that record dead-lettered and every other record of the batch handled."""
+    from confluent_kafka import Message
+
+    from speakerflow.streams.runtime import Processor, ProcessorThread
+    from speakerflow.streams.topology import create_topics
+
+    handled: list[bytes] = []
+
+    class Fragile(Processor):
+        role = "fragile"
+        topics = (AUDIO,)
+
+        def handle(self, messages: list[Message], publisher: Publisher) -> None:
+            for msg in messages:
+                if msg.value() == b"poison":
+                    raise RuntimeError("no stage expects this")
+            handled.extend(m.value() for m in messages)
+
+    create_topics(settings)
+    publisher = Publisher(settings)
+    thread = ProcessorThread(Fragile(), settings, publisher)
+    thread.start()
+    try:
+        for value in (b"a", b"poison", b"b"):
+            publisher._send(settings.topic(AUDIO), b"same-partition", value)
+        publisher.flush()
+        letter = dead_letter({"settings": settings}, "same-partition")
+        assert letter["error_class"] == "RuntimeError" and letter["payload_excerpt"] == b"poison"
+        deadline = time.monotonic() + 30
+        while len(handled) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(handled) == [b"a", b"b"] and thread.is_alive()
+    finally:
+        thread.stopping.set()
+        thread.join(timeout=15)
+        publisher.close()

@@ -25,7 +25,7 @@ import time
 import numpy as np
 from confluent_kafka import Message, TopicPartition
 
-from speakerflow.processors.audio import AudioDecodeError, decode_pcm
+from speakerflow.processors.audio import decode_pcm
 from speakerflow.processors.diarization import (
     SNAPSHOT_FORMAT,
     DiarizerConfig,
@@ -129,7 +129,9 @@ class DiarizeProcessor(Processor):
         for ready_msg, ready_chunk in self._in_order(msg, chunk):
             try:
                 state, windows = self._push(ready_msg, ready_chunk)
-            except (AudioDecodeError, ChunkRejected) as exc:
+            except Exception as exc:  # AudioDecodeError, ChunkRejected, or anything this chunk caused
+                # Blamed here rather than by the runtime's guard: the batch's other chunks keep the
+                # windows they already produced (a retry of the batch would drop them as duplicates).
                 send_to_dead_letter(ready_msg, self.role, exc, publisher, self.metrics)
                 continue
             touched[state.stream_id] = state
