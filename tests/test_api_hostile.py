@@ -230,7 +230,17 @@ def test_malformed_websocket_frames_close_with_a_reason(gateway):
     assert "bob.call" in streams and not {s for s in streams if s.startswith("alice.rate")}
 
 
-def test_config_and_logs_mask_secrets(capsys, monkeypatch):
+@pytest.fixture
+def _restore_logging() -> Iterator[None]:
+    """`main` and `setup_logging` replace the root handlers (bound to the captured stderr): put them back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_config_and_logs_mask_secrets(capsys, monkeypatch, _restore_logging):
     from speakerflow.streams.cli.main import main
     from speakerflow.streams.logs import setup_logging
 
