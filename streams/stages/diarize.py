@@ -25,7 +25,7 @@ import time
 import numpy as np
 from confluent_kafka import Message, TopicPartition
 
-from speakerflow.processors.audio import AudioDecodeError, decode_pcm
+from speakerflow.processors.audio import decode_pcm
 from speakerflow.processors.diarization import (
     SNAPSHOT_FORMAT,
     DiarizerConfig,
@@ -35,6 +35,7 @@ from speakerflow.processors.diarization import (
 )
 from speakerflow.processors.embedding import Embedder
 from speakerflow.processors.vad import VadConfig
+from speakerflow.streams.limits import InvalidField, check_audio_chunk
 from speakerflow.streams.runtime import (
     Metrics,
     Processor,
@@ -99,6 +100,12 @@ class DiarizeProcessor(Processor):
             chunk = decode_or_dead_letter(msg, "AudioChunk", self.role, publisher, self.metrics)
             if chunk is None:
                 continue
+            try:
+                # Before the chunk touches any stream: a bad first chunk must not fix a stream's format.
+                check_audio_chunk(chunk)
+            except InvalidField as exc:
+                send_to_dead_letter(msg, self.role, exc, publisher, self.metrics)
+                continue
             if chunk["stream_id"] not in self.streams and chunk["seq"] > 0:
                 pending += self._recover(msg, chunk, publisher, ended, touched)
             pending += self._accept(msg, chunk, publisher, ended, touched)
@@ -122,7 +129,9 @@ class DiarizeProcessor(Processor):
         for ready_msg, ready_chunk in self._in_order(msg, chunk):
             try:
                 state, windows = self._push(ready_msg, ready_chunk)
-            except (AudioDecodeError, ChunkRejected) as exc:
+            except Exception as exc:  # AudioDecodeError, ChunkRejected, or anything this chunk caused
+                # Blamed here rather than by the runtime's guard: the batch's other chunks keep the
+                # windows they already produced (a retry of the batch would drop them as duplicates).
                 send_to_dead_letter(ready_msg, self.role, exc, publisher, self.metrics)
                 continue
             touched[state.stream_id] = state
@@ -172,7 +181,13 @@ class DiarizeProcessor(Processor):
         state.next_seq = max(state.next_seq, chunk["seq"] + 1)
         state.last_chunk_monotonic = time.monotonic()
         state.applied_offset = max(state.applied_offset, msg.offset() or 0)
-        samples = decode_pcm(chunk["payload"], chunk["encoding"], chunk["sample_rate"], chunk["channels"])
+        samples = decode_pcm(
+            chunk["payload"],
+            chunk["encoding"],
+            chunk["sample_rate"],
+            chunk["channels"],
+            max_seconds=self.settings.chunk_max_audio_s,
+        )
         self.metrics.inc("chunks")
         windows = state.diarizer.push_audio(samples) if samples.size else []
         if chunk["end_of_stream"]:
@@ -258,7 +273,7 @@ class DiarizeProcessor(Processor):
         for old_msg, old_chunk in self.store.replay(
             msg.topic(), partition, core["resume_offset"], msg.offset()
         ):
-            if old_chunk["stream_id"] == stream_id:
+            if old_chunk["stream_id"] == stream_id and _valid(old_chunk):
                 out += self._accept(old_msg, old_chunk, publisher, ended, touched)
         return out
 
@@ -337,6 +352,7 @@ class DiarizeProcessor(Processor):
         cutoff = time.monotonic() - self.settings.idle_timeout_s
         idle = [s for s in self.streams.values() if s.last_chunk_monotonic < cutoff]
         for state in idle:
+            self.streams.pop(state.stream_id, None)  # a stream whose end fails is not retried forever
             log.info("stream %s idle for %.0f s: ending it", state.stream_id, self.settings.idle_timeout_s)
             windows = state.diarizer.end_audio()
             state.ended = True
@@ -361,3 +377,11 @@ class DiarizeProcessor(Processor):
 
     def close(self) -> None:
         self.store.flush()
+
+
+def _valid(chunk: dict) -> bool:
+    try:
+        check_audio_chunk(chunk)
+    except InvalidField:
+        return False
+    return True
