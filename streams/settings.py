@@ -96,6 +96,12 @@ class Settings:
     )
 
     # --- Diarization -------------------------------------------------------------------------------
+    diarizer: str = _env(
+        "SPEAKERFLOW_DIARIZER",
+        "light",
+        "`light` (VAD + embedding windows, one label at a time) or `segmentation` (pyannote "
+        "segmentation-3.0 + per-speaker embeddings: overlapped speech gets two labels).",
+    )
     window_s: float = _env("SPEAKERFLOW_WINDOW_S", 1.5, "Embedding window length (seconds).")
     hop_s: float = _env("SPEAKERFLOW_HOP_S", 0.5, "Hop between windows (seconds).")
     vad_threshold: float = _env("SPEAKERFLOW_VAD_THRESHOLD", 0.5, "Silero speech probability threshold.")
@@ -309,6 +315,7 @@ class Settings:
             "SPEAKERFLOW_PARTITIONS": str(self.partitions),
             "SPEAKERFLOW_DATA_DIR": self.data_dir,
             "SPEAKERFLOW_SHARED_DATA": self.shared_data_dir,
+            "SPEAKERFLOW_DIARIZER": self.diarizer,
         }
         return dict(os.environ) | shared | extra
 

@@ -27,13 +27,18 @@ from confluent_kafka import Message, TopicPartition
 
 from speakerflow.processors.audio import decode_pcm
 from speakerflow.processors.diarization import (
-    SNAPSHOT_FORMAT,
     DiarizerConfig,
     StreamDiarizer,
     TurnUpdate,
     Window,
 )
 from speakerflow.processors.embedding import Embedder
+from speakerflow.processors.overlap_diarization import (
+    Chunk,
+    LocalSpeaker,
+    SegmentationDiarizer,
+    overlap_config,
+)
 from speakerflow.processors.vad import VadConfig
 from speakerflow.streams.limits import InvalidField, check_audio_chunk
 from speakerflow.streams.runtime import (
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 REORDER_LIMIT = 32  # chunks held while waiting for a missing sequence number
 WINDOW_BLOCK = 256  # windows per immutable state block (keeps each state record well under 1 MB)
+SEGMENT_BATCH = 32  # segmentation windows per model call (segmentation mode)
 
 
 class ChunkRejected(ValueError):
@@ -85,6 +91,15 @@ class DiarizeProcessor(Processor):
         self.embedder = embedder
         self.metrics = metrics
         self.config = diarizer_config(settings)
+        self.segmenter = None
+        if settings.diarizer == "segmentation":
+            from speakerflow.processors.segmentation import Segmenter
+
+            self.overlap_config = overlap_config(latency_s=settings.latency_s, embedder=embedder.name)
+            self.segmenter = Segmenter(device=settings.device)
+            self.overlap_config.check_grid(self.segmenter.grid)
+        elif settings.diarizer != "light":
+            raise ValueError(f"SPEAKERFLOW_DIARIZER={settings.diarizer!r}: choose 'light' or 'segmentation'")
         self.streams: dict[str, StreamState] = {}
         self.store = DiarizerStateStore(settings)
         self._out_topic = settings.topic(SEGMENTS_DIARIZED)
@@ -198,7 +213,7 @@ class DiarizeProcessor(Processor):
     def _open(self, msg: Message, chunk: dict) -> StreamState:
         state = StreamState(
             chunk["stream_id"],
-            StreamDiarizer(self.config),
+            self._new_diarizer(),
             chunk["capture_ts_ms"],
             chunk["sample_rate"],
             chunk["channels"],
@@ -210,6 +225,14 @@ class DiarizeProcessor(Processor):
         if self._publisher is not None:
             self._stream_event(self._publisher, state, "STARTED")
         return state
+
+    def _diarizer_class(self) -> type[StreamDiarizer] | type[SegmentationDiarizer]:
+        return StreamDiarizer if self.segmenter is None else SegmentationDiarizer
+
+    def _new_diarizer(self) -> StreamDiarizer | SegmentationDiarizer:
+        if self.segmenter is None:
+            return StreamDiarizer(self.config)
+        return SegmentationDiarizer(self.overlap_config)
 
     def _stream_event(
         self,
@@ -250,10 +273,11 @@ class DiarizeProcessor(Processor):
         if saved is None:
             return []
         core, blocks = saved
-        if core["model_id"] != self.embedder.model_id or core["snapshot_format"] != SNAPSHOT_FORMAT:
+        kind = self._diarizer_class()
+        if core["model_id"] != self.embedder.model_id or core["snapshot_format"] != kind.snapshot_format:
             log.warning("stream %s: saved state is for another model or format; starting afresh", stream_id)
             return []
-        diarizer = StreamDiarizer.restore(core["snapshot"], blocks)
+        diarizer = kind.restore(core["snapshot"], blocks)
         state = StreamState(
             stream_id,
             diarizer,
@@ -292,17 +316,37 @@ class DiarizeProcessor(Processor):
             self.store.flush()
 
     def _save(self, state: StreamState) -> None:
-        full = state.diarizer.window_count // WINDOW_BLOCK
+        size = getattr(state.diarizer, "rows_per_block", WINDOW_BLOCK)
+        full = state.diarizer.window_count // size
         for block in range(state.saved_blocks, full):
-            rows = state.diarizer.window_rows(block * WINDOW_BLOCK, (block + 1) * WINDOW_BLOCK)
+            rows = state.diarizer.window_rows(block * size, (block + 1) * size)
             self.store.save_block(state, block, rows)
         state.saved_blocks = full
-        self.store.save_core(state, state.diarizer.snapshot(windows_from=full * WINDOW_BLOCK), self.embedder)
+        self.store.save_core(state, state.diarizer.snapshot(windows_from=full * size), self.embedder)
         state.saved_audio_s = state.diarizer.audio_s
         self.metrics.inc("state.snapshots")
 
     # -- embedding and output --------------------------------------------------------------------
+    def _segment(self, pending: list[tuple[StreamState, Chunk]]) -> list[tuple[StreamState, LocalSpeaker]]:
+        """Segmentation mode: every stream's new windows through the model in shared batches; returns
+        the local speakers to embed."""
+        out: list[tuple[StreamState, LocalSpeaker]] = []
+        for first in range(0, len(pending), SEGMENT_BATCH):
+            batch = pending[first : first + SEGMENT_BATCH]
+            activity = self.segmenter(np.stack([chunk.samples for _, chunk in batch]))
+            by_stream: dict[str, tuple[StreamState, list[Chunk], list[np.ndarray]]] = {}
+            for (state, chunk), probs in zip(batch, activity, strict=True):
+                entry = by_stream.setdefault(state.stream_id, (state, [], []))
+                entry[1].append(chunk)
+                entry[2].append(probs)
+            for state, chunks, probs in by_stream.values():
+                out += [(state, s) for s in state.diarizer.add_segmentation(chunks, np.stack(probs))]
+        self.metrics.inc("segmentation.windows", len(pending))
+        return out
+
     def _embed_and_emit(self, pending: list[tuple[StreamState, Window]], publisher: Publisher) -> None:
+        if pending and self.segmenter is not None:
+            pending = self._segment(pending)
         if pending:
             embeddings = self.embedder.embed([w.samples for _, w in pending])
             self.metrics.inc("windows", len(pending))
