@@ -30,6 +30,7 @@ from speakerflow.evaluation.baselines import baseline_windows, reference_design,
 from speakerflow.evaluation.corpus import load_manifest
 from speakerflow.processors.audio import decode_file
 from speakerflow.processors.diarization import DiarizerConfig, StreamDiarizer, TurnUpdate, Window
+from speakerflow.processors.overlap_diarization import SegmentationDiarizer
 
 COLLARS = (0.0, 0.25)
 FRAME_S = 0.01
@@ -228,12 +229,7 @@ def run_stream(
     step = max(int(chunk_s * sample_rate), 1)
     seconds = dict.fromkeys(("vad", "embed", "cluster", "revise"), 0.0)
     emissions: list[Emission] = []
-
-    def record(updates: list[TurnUpdate]) -> None:
-        emissions.extend(
-            Emission(diarizer.audio_s, str(u.turn_index), u.label, u.start_s, u.end_s, u.is_final)
-            for u in updates
-        )
+    record = emission_recorder(diarizer, emissions)
 
     def embed_and_cluster(windows: list[Window]) -> None:
         t0 = time.perf_counter()
@@ -252,13 +248,37 @@ def run_stream(
     windows = diarizer.end_audio()
     seconds["vad"] += time.perf_counter() - t0
     embed_and_cluster(windows)
+    return finish_run(diarizer, emissions, seconds, len(audio) / sample_rate)
+
+
+def emission_recorder(
+    diarizer: StreamDiarizer | SegmentationDiarizer, emissions: list[Emission]
+) -> Callable[[list[TurnUpdate]], None]:
+    """Appends a diarizer's updates to `emissions`, stamped with how much audio it had then."""
+
+    def record(updates: list[TurnUpdate]) -> None:
+        emissions.extend(
+            Emission(diarizer.audio_s, str(u.turn_index), u.label, u.start_s, u.end_s, u.is_final)
+            for u in updates
+        )
+
+    return record
+
+
+def finish_run(
+    diarizer: StreamDiarizer | SegmentationDiarizer,
+    emissions: list[Emission],
+    seconds: dict[str, float],
+    duration_s: float,
+) -> StreamRun:
+    """End of stream: the last live updates (timed as clustering), then the revision (timed apart)."""
     t0 = time.perf_counter()
-    record(diarizer.finish())
+    emission_recorder(diarizer, emissions)(diarizer.finish())
     seconds["cluster"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     revision = [(u.start_s, u.end_s, u.label) for u in diarizer.revise()]
     seconds["revise"] = time.perf_counter() - t0
-    return StreamRun(emissions, revision, len(audio) / sample_rate, diarizer.window_count, seconds)
+    return StreamRun(emissions, revision, duration_s, diarizer.window_count, seconds)
 
 
 # -- evaluating a manifest ---------------------------------------------------------------------------
@@ -299,12 +319,14 @@ def evaluate_item(
     latencies: tuple[float, ...],
     chunk_s: float = 0.5,
     baselines: bool = False,
+    runner: Callable[[np.ndarray], StreamRun] | None = None,
 ) -> FileResult:
-    """Stream one file through the diarizer (and the baselines) and score every labelling."""
+    """Stream one file through the diarizer (`runner`: another diarizer mode) and the baselines, and
+    score every labelling."""
     audio = decode_file(item.audio)
     reference = load_rttm(item.rttm).get(item.file_id, Annotation(uri=item.file_id))
     uem = load_uem(item.uem) if item.uem else None
-    run = run_stream(audio, config, embed, chunk_s)
+    run = runner(audio) if runner is not None else run_stream(audio, config, embed, chunk_s)
     hypotheses = {"revision": annotation(run.revision, item.file_id)}
     hypotheses["live_final"] = final_live(run.emissions, item.file_id)
     for latency in latencies:

@@ -18,6 +18,7 @@ TARGET_RATE = 16000
 MIN_RATE = 4000
 MAX_RATE = 192000
 MAX_CHANNELS = 8
+FILE_MAX_CHANNELS = 32  # channels a container file may declare before decoding is refused
 
 # Bytes per sample of the raw encodings; the container encodings carry their own framing.
 _RAW_WIDTHS = {"PCM_S16LE": 2, "PCM_F32LE": 4, "MULAW": 1, "ALAW": 1}
@@ -27,6 +28,10 @@ SUPPORTED_ENCODINGS: tuple[str, ...] = (*_RAW_WIDTHS, *_CONTAINER_ENCODINGS)
 
 class AudioDecodeError(ValueError):
     """Input that cannot be turned into samples: undecodable, empty, malformed or unsupported."""
+
+
+class AudioTooLong(AudioDecodeError):
+    """Compressed audio that would decode to more than the caller allows (a decompression bomb)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,17 +145,42 @@ def _describe(source: str | Path | bytes) -> str:
     return f"{len(source)}-byte buffer" if isinstance(source, bytes) else f"file {str(source)!r}"
 
 
-def _read_soundfile(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+def _too_long(what: str, seconds: float, max_seconds: float) -> AudioTooLong:
+    return AudioTooLong(
+        f"{what} decodes to {seconds:.0f} s of audio; at most {max_seconds:.0f} s are accepted"
+    )
+
+
+def _read_soundfile(source: str | Path | bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    data, rate = sf.read(handle, dtype="float32", always_2d=True)
+    frames = -1
+    if max_seconds is not None:
+        # The header says how long the audio is: refuse before decoding (a small FLAC of an hour of
+        # silence decodes to hundreds of MB), and never read more frames than allowed even if it lies.
+        info = sf.info(handle)
+        if info.channels > FILE_MAX_CHANNELS:
+            raise AudioDecodeError(f"{info.channels} channels; at most {FILE_MAX_CHANNELS} are accepted")
+        if info.frames > max_seconds * info.samplerate:
+            raise _too_long(_describe(source), info.frames / info.samplerate, max_seconds)
+        frames = int(max_seconds * info.samplerate) + 1
+        if isinstance(handle, io.BytesIO):
+            handle.seek(0)
+    data, rate = sf.read(handle, frames=frames, dtype="float32", always_2d=True)
+    if max_seconds is not None and len(data) > max_seconds * rate:
+        raise _too_long(_describe(source), len(data) / rate, max_seconds)
     return to_mono(data), int(rate)
 
 
-def _read_torchcodec(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+def _read_torchcodec(source: str | Path | bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
     # Imported lazily: it loads the system FFmpeg libraries, which only the fallback path needs.
     from torchcodec.decoders import AudioDecoder
 
-    decoded = AudioDecoder(str(source) if isinstance(source, Path) else source).get_all_samples()
+    decoder = AudioDecoder(str(source) if isinstance(source, Path) else source)
+    if max_seconds is not None:
+        seconds = decoder.metadata.duration_seconds_from_header
+        if seconds is None or seconds > max_seconds:
+            raise _too_long(_describe(source), seconds or float("inf"), max_seconds)
+    decoded = decoder.get_all_samples()
     data = decoded.data.numpy()  # (channels, frames)
     return to_mono(data.T), int(decoded.sample_rate)
 
@@ -177,20 +207,27 @@ def _reject_missing_or_empty(source: str | Path | bytes, what: str) -> None:
         raise AudioDecodeError(f"{what} contains no samples: the file is empty")
 
 
-def decode_file(path_or_bytes: str | Path | bytes, *, target_rate: int = TARGET_RATE) -> np.ndarray:
+def decode_file(
+    path_or_bytes: str | Path | bytes, *, target_rate: int = TARGET_RATE, max_seconds: float | None = None
+) -> np.ndarray:
     """Decode an audio file (path or the file's bytes) to float32 mono at ``target_rate``.
 
     soundfile (libsndfile) handles WAV/FLAC/OGG/MP3 quickly; anything it rejects (M4A/AAC, Opus in
     other containers, ...) goes to torchcodec, which needs the system FFmpeg libraries.
-    Raises AudioDecodeError for missing, empty, undecodable or non-finite input.
+    Raises AudioDecodeError for missing, empty, undecodable or non-finite input, and AudioTooLong for
+    input longer than ``max_seconds`` (checked from the header before decoding, memory bounded).
     """
     what = _describe(path_or_bytes)
     _reject_missing_or_empty(path_or_bytes, what)
     try:
-        samples, rate = _read_soundfile(path_or_bytes)
+        samples, rate = _read_soundfile(path_or_bytes, max_seconds)
+    except AudioDecodeError:
+        raise
     except Exception as sf_exc:  # libsndfile raises several types; any failure means "try FFmpeg"
         try:
-            samples, rate = _read_torchcodec(path_or_bytes)
+            samples, rate = _read_torchcodec(path_or_bytes, max_seconds)
+        except AudioDecodeError:
+            raise
         except Exception as tc_exc:
             raise AudioDecodeError(
                 f"{what} cannot be decoded: libsndfile: {_short_reason(sf_exc)}; "
@@ -237,7 +274,13 @@ def _raw_to_float(payload: bytes, encoding: str) -> np.ndarray:
 
 
 def decode_pcm(
-    payload: bytes, encoding: str, sample_rate: int, channels: int, *, target_rate: int = TARGET_RATE
+    payload: bytes,
+    encoding: str,
+    sample_rate: int,
+    channels: int,
+    *,
+    target_rate: int = TARGET_RATE,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Decode one audio chunk to float32 mono at ``target_rate``.
 
@@ -249,13 +292,14 @@ def decode_pcm(
 
     Each chunk is resampled on its own; for a continuous stream at a foreign rate decode at the
     native rate (``target_rate=sample_rate``) and feed a :class:`StreamResampler` instead.
+    ``max_seconds`` bounds what a container payload may decode to (see decode_file).
     """
     name = _normalise_encoding(encoding)
     _validate_format(sample_rate, channels)
     if not payload:
         return np.zeros(0, dtype=np.float32)
     if name in _CONTAINER_ENCODINGS:
-        return decode_file(bytes(payload), target_rate=target_rate)
+        return decode_file(bytes(payload), target_rate=target_rate, max_seconds=max_seconds)
     frame_size = _RAW_WIDTHS[name] * channels
     if len(payload) % frame_size:
         raise AudioDecodeError(

@@ -159,6 +159,8 @@ _WINDOW_FIELDS = {
 class StreamDiarizer:
     """State of one stream; see the module docstring for the protocol."""
 
+    snapshot_format = SNAPSHOT_FORMAT
+
     def __init__(self, config: DiarizerConfig | None = None) -> None:
         self.config = config or DiarizerConfig()
         self.clustering = self.config.clustering()

@@ -115,3 +115,15 @@ def scratch_database(
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+OUTAGE_CLASSES = ("08", "53", "57", "58")
+
+
+def is_outage(exc: psycopg.Error) -> bool:
+    """True when the database is away (retry), False when it refused the data (dead-letter)."""
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    return exc.sqlstate is None or exc.sqlstate[:2] in OUTAGE_CLASSES

@@ -25,12 +25,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
+class MaskSecrets(logging.Formatter):
+    """Wraps a formatter: every secret value (API keys, passwords) in the finished line becomes ***,
+    whatever logged it (a URL in an exception, a settings dump, a library's message)."""
+
+    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
+        for secret in self.secrets:
+            line = line.replace(secret, "***")
+        return line
+
+
+def setup_logging(level: str, fmt: str = "text", secrets: list[str] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    inner = (
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    handler.setFormatter(MaskSecrets(inner, secrets or []))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

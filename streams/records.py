@@ -11,6 +11,10 @@ from speakerflow.processors.audio import encode_pcm
 from speakerflow.streams.runtime import now_ms
 
 SAMPLE_RATE = 16000
+# EnrollmentRequest metadata the gateway sets: "true" = a new speaker only (the id must not exist yet);
+# the enroll stage then rejects the request with a reason containing ALREADY_ENROLLED.
+CREATE_ONLY = "speakerflow.create_only"
+ALREADY_ENROLLED = "is already enrolled"
 
 
 def pcm_sample(samples: np.ndarray) -> dict:

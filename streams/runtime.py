@@ -6,6 +6,13 @@ Delivery is at-least-once: a batch's outputs are produced and flushed, and only 
 offsets committed. A message that cannot be processed goes to the dead-letter topic with its
 coordinates and the reason, and its offset is committed with the batch: bad input never blocks a
 partition, and good input is never skipped.
+
+The guard is in the loop itself, not in each stage: when a stage's `handle` raises on a batch, the loop
+hands it the batch's records one at a time, and a record that still raises, whatever the exception
+(a poison pill: a value no encoder, index or decoder accepts), goes to the dead-letter topic while the
+stage goes on. Only an outage stops a stage: records not delivered (`DeliveryFailed`), or a stage told
+to stop while waiting for its database (`InterruptedError`); the worker then exits without committing
+and its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,20 @@ __all__ = ["Metrics", "Processor", "ProcessorThread", "Publisher"]
 log = logging.getLogger(__name__)
 
 PAYLOAD_EXCERPT_BYTES = 1024
+KEY_EXCERPT_BYTES = 1024
+# The request and audio topics accept 16 MB (topology.py); the margin leaves room for the batch framing.
+RECORD_MAX_BYTES = 16 * 1024 * 1024 - 64 * 1024
+
+
+class DeliveryFailed(KafkaException):
+    """Records were not acknowledged by the broker: an outage, not a bad record."""
+
+
+class RecordTooLarge(ValueError):
+    """An encoded record larger than any topic accepts (refused before it reaches the producer)."""
+
+
+OUTAGES = (DeliveryFailed, InterruptedError)
 
 
 def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
@@ -66,6 +87,11 @@ class Publisher:
     def publish(self, topic: str, key: str | bytes | None, record_name: str, record: dict | None) -> None:
         """Produce `record` (None = tombstone) to the full topic name `topic`."""
         value = None if record is None else codec.encode(record_name, record)
+        size = len(value or b"") + len(key or b"")
+        if size > RECORD_MAX_BYTES:
+            raise RecordTooLarge(
+                f"{record_name} of {size} bytes is larger than the {RECORD_MAX_BYTES}-byte record limit"
+            )
         self._send(topic, key, value)
 
     def _send(self, topic: str, key: str | bytes | None, value: bytes | None) -> None:
@@ -88,10 +114,10 @@ class Publisher:
         """Wait for every record to be acknowledged; raises if any failed (so offsets stay put)."""
         remaining = self._producer.flush(timeout_s)
         if remaining:
-            raise KafkaException(f"{remaining} records not delivered within {timeout_s} s")
+            raise DeliveryFailed(f"{remaining} records not delivered within {timeout_s} s")
         if self._errors:
             errors, self._errors = self._errors, []
-            raise KafkaException(f"delivery failed: {errors[:3]}")
+            raise DeliveryFailed(f"delivery failed: {errors[:3]}")
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Deliver what is queued (for up to `timeout_s`), then release the broker connections.
@@ -111,18 +137,19 @@ class Publisher:
 
     def dead_letter(self, msg: Message, processor: str, error: BaseException) -> None:
         value = msg.value() or b""
+        key = None if msg.key() is None else msg.key()[:KEY_EXCERPT_BYTES]
         record = {
             "source_topic": msg.topic() or "",
             "source_partition": msg.partition() or 0,
             "source_offset": msg.offset() or 0,
-            "key": msg.key(),
+            "key": key,
             "processor": processor,
             "error_class": type(error).__name__,
             "error_message": str(error)[:2000],
             "payload_excerpt": value[:PAYLOAD_EXCERPT_BYTES],
             "failed_at_ms": now_ms(),
         }
-        self.publish(self.settings.topic(DEADLETTER), msg.key(), "DeadLetter", record)
+        self.publish(self.settings.topic(DEADLETTER), key, "DeadLetter", record)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,8 +299,8 @@ class ProcessorThread(threading.Thread):
                 messages = consume_available(consumer, self.processor.max_batch, 0.1)
                 good = [m for m in messages if not self._is_error(m)]
                 if good:
-                    self.processor.handle(good, self.publisher)
-                self.processor.tick(self.publisher)
+                    self._handle(good)
+                self._tick()
                 if good:
                     self.publisher.flush()
                     consumer.commit(asynchronous=False)
@@ -285,6 +312,39 @@ class ProcessorThread(threading.Thread):
             if consumer is not None:
                 consumer.close()  # revokes the partitions: stages hand their state over
             self.processor.close()
+
+    def _handle(self, messages: list[Message]) -> None:
+        """The stage's `handle`, with every record that makes it raise sent to the dead-letter topic."""
+        try:
+            self.processor.handle(messages, self.publisher)
+        except OUTAGES:
+            raise
+        except Exception as exc:
+            if len(messages) == 1:
+                send_to_dead_letter(messages[0], self.processor.role, exc, self.publisher, self._metrics())
+                return
+            log.warning(
+                "%s: a batch of %d records failed (%r); retrying them one at a time",
+                self.processor.role,
+                len(messages),
+                exc,
+            )
+            for msg in messages:
+                self._handle([msg])
+
+    def _tick(self) -> None:
+        """Timers have no record to blame: a failure is logged and counted, and the stage goes on."""
+        try:
+            self.processor.tick(self.publisher)
+        except OUTAGES:
+            raise
+        except Exception:
+            log.exception("%s: timer work failed", self.processor.role)
+            if (metrics := self._metrics()) is not None:
+                metrics.inc(f"tick_errors.{self.processor.role}")
+
+    def _metrics(self) -> Metrics | None:
+        return getattr(self.processor, "metrics", None) or self.metrics
 
     def _report_lag(self, consumer: Consumer) -> None:
         """Records behind the end of the assigned partitions, from the offsets of the last fetches.
@@ -328,12 +388,19 @@ def decode_or_dead_letter(
 
 
 def send_to_dead_letter(
-    msg: Message, role: str, error: BaseException, publisher: Publisher, metrics: Metrics
+    msg: Message, role: str, error: BaseException, publisher: Publisher, metrics: Metrics | None
 ) -> None:
     log.warning(
-        "dead letter from %s[%s]@%s (%s): %s", msg.topic(), msg.partition(), msg.offset(), role, error
+        "dead letter from %s[%s]@%s (%s): %s: %s",
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        role,
+        type(error).__name__,
+        str(error)[:300],
     )
-    metrics.inc(f"deadletter.{role}")
+    if metrics is not None:
+        metrics.inc(f"deadletter.{role}")
     publisher.dead_letter(msg, role, error)
 
 

@@ -11,6 +11,7 @@ Broker profiles keep broker-specific tuning out of production: ``embedded`` (the
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,12 @@ class Settings:
     )
 
     # --- Diarization -------------------------------------------------------------------------------
+    diarizer: str = _env(
+        "SPEAKERFLOW_DIARIZER",
+        "light",
+        "`light` (VAD + embedding windows, one label at a time) or `segmentation` (pyannote "
+        "segmentation-3.0 + per-speaker embeddings: overlapped speech gets two labels).",
+    )
     window_s: float = _env("SPEAKERFLOW_WINDOW_S", 1.5, "Embedding window length (seconds).")
     hop_s: float = _env("SPEAKERFLOW_HOP_S", 0.5, "Hop between windows (seconds).")
     vad_threshold: float = _env("SPEAKERFLOW_VAD_THRESHOLD", 0.5, "Silero speech probability threshold.")
@@ -117,6 +124,11 @@ class Settings:
     )
     state_every_s: float = _env(
         "SPEAKERFLOW_STATE_EVERY_S", 5.0, "Seconds of stream audio between diarizer state snapshots."
+    )
+    chunk_max_audio_s: float = _env(
+        "SPEAKERFLOW_CHUNK_MAX_AUDIO_S",
+        60.0,
+        "Most audio one compressed chunk or request sample may decode to (seconds; checked before decoding).",
     )
 
     # --- Matching ----------------------------------------------------------------------------------
@@ -155,10 +167,28 @@ class Settings:
     )
 
     # --- HTTP / WebSocket gateway ------------------------------------------------------------------
+    # Keys (X-API-Key header, or ?api_key= on a WebSocket). With none set, nothing is checked (development).
+    # A client key may be written `owner:key`: it opens only WebSocket streams whose id starts with
+    # `owner.`; a bare `key` has the owner `k` + the first 10 hex digits of its SHA-256. Client keys may
+    # enroll new speakers, list, verify and submit jobs. Admin keys may do all that on any stream id, and
+    # manage the gallery: ADD to or REPLACE an existing speaker, DELETE one.
     api_keys: str = _env(
-        "SPEAKERFLOW_API_KEYS", "", "Comma-separated API keys (X-API-Key header); empty = no auth."
+        "SPEAKERFLOW_API_KEYS",
+        "",
+        "Comma-separated client API keys, each `key` or `owner:key` (owner = stream-id prefix); empty "
+        "with no admin keys = no auth.",
+    )
+    admin_keys: str = _env(
+        "SPEAKERFLOW_ADMIN_KEYS",
+        "",
+        "Comma-separated admin API keys: any stream id, and gallery management (ADD/REPLACE/DELETE).",
     )
     api_max_upload_mb: float = _env("SPEAKERFLOW_API_MAX_UPLOAD_MB", 50.0, "Largest accepted upload (MB).")
+    api_max_audio_s: float = _env(
+        "SPEAKERFLOW_API_MAX_AUDIO_S",
+        1800.0,
+        "Longest audio an upload may decode to (seconds; read from the header before decoding).",
+    )
     api_timeout_s: float = _env(
         "SPEAKERFLOW_API_TIMEOUT_S", 120.0, "Longest a sync request waits for results (seconds)."
     )
@@ -293,6 +323,7 @@ class Settings:
             "SPEAKERFLOW_DATA_DIR": self.data_dir,
             "SPEAKERFLOW_SHARED_DATA": self.shared_data_dir,
             "SPEAKERFLOW_EMBEDDER": self.embedder,  # one model per deployment: its gallery is of that model
+            "SPEAKERFLOW_DIARIZER": self.diarizer,
         }
         return dict(os.environ) | shared | extra
 
@@ -301,9 +332,27 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            secret = "password" in f.name or (f.name == "database_url" and "@" in str(value))
-            out[f.metadata["env"]] = "***" if secret and value else value
+            if f.name in SECRET_FIELDS and value:
+                value = "***"
+            elif f.name == "database_url" and value:
+                value = mask_url(str(value))
+            out[f.metadata["env"]] = value
         return out
+
+
+SECRET_FIELDS = {"sasl_password", "api_keys", "admin_keys"}
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret string in `settings` (for masking logs): passwords and each API key."""
+    keys = [k.strip().rpartition(":")[2] for k in f"{settings.api_keys},{settings.admin_keys}".split(",")]
+    password = re.search(r"://[^:/@]*:([^@]*)@", settings.database_url)
+    return [v for v in (settings.sasl_password, password and password.group(1), *keys) if v]
+
+
+def mask_url(url: str) -> str:
+    """`url` with the password of its user-info (scheme://user:password@host) replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def _parse(kind: type, raw: str, name: str) -> Any:

@@ -37,7 +37,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 @pytest.fixture
 def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     """Settings on the embedded broker with topics and groups of their own, so tests never interfere."""
-    return broker.run_settings(tmp_path, shared_data_dir=str(SHARED_DATA))
+    # SPEAKERFLOW_DIARIZER picks the diarize stage's mode for the whole suite (light unless set)
+    diarizer = os.environ.get("SPEAKERFLOW_DIARIZER", "light")
+    return broker.run_settings(tmp_path, shared_data_dir=str(SHARED_DATA), diarizer=diarizer)
 
 
 @pytest.fixture(scope="session")

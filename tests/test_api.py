@@ -38,7 +38,11 @@ def flac_bytes(audio: np.ndarray) -> bytes:
 def stack(broker, pg_server, ge2e, shared_data, tmp_path_factory) -> Iterator[dict]:
     """A worker (all stages) + the gateway on a free loopback port, with one API key."""
     settings = broker.run_settings(
-        tmp_path_factory.mktemp("api"), api_keys="secret-key", api_max_upload_mb=2.0, idle_timeout_s=5.0
+        tmp_path_factory.mktemp("api"),
+        admin_keys="secret-key",
+        api_keys="alice:client-key",
+        api_max_upload_mb=2.0,
+        idle_timeout_s=5.0,
     )
     with scratch_database(pg_server, "speakerflow_api", migrated=False) as url:
         worker = Worker(settings, database_url=url, embedder=ge2e)

@@ -82,9 +82,10 @@ def speech(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def gateway(broker, pg_server, ge2e, tmp_path_factory) -> Iterator[dict]:
-    """A worker (all stages, sink included) and the gateway with one API key, on a free port."""
+    """A worker (all stages, sink included) and the gateway with one admin API key (the console's user
+    deletes speakers and opens any stream id), on a free port."""
     settings = broker.run_settings(
-        tmp_path_factory.mktemp("console"), api_keys=API_KEY, api_max_upload_mb=2.0, idle_timeout_s=5.0
+        tmp_path_factory.mktemp("console"), admin_keys=API_KEY, api_max_upload_mb=2.0, idle_timeout_s=5.0
     )
     with scratch_database(pg_server, "speakerflow_console", migrated=False) as url:
         worker = Worker(settings, database_url=url, embedder=ge2e)

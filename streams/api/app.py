@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import psycopg
+from confluent_kafka import KafkaError, KafkaException
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
@@ -25,8 +28,12 @@ import speakerflow.streams.api.console as console
 import speakerflow.streams.api.jobs as jobs
 import speakerflow.streams.api.live as live
 import speakerflow.streams.api.speakers as speakers
-from speakerflow.streams.api.gateway import Gateway, fail, ok
+from speakerflow.streams.api.gateway import COMMON_ERRORS, Gateway, fail, ok
+from speakerflow.streams.database import is_outage
+from speakerflow.streams.runtime import RecordTooLarge
 from speakerflow.streams.settings import Settings
+
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 # Static files: the console's pages and Swagger UI's assets hold no data; the data routes want the key.
@@ -61,9 +68,10 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):
         path = request.url.path
-        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
-        if gw.api_keys and not open_path and not gw.key_ok(request.headers.get("x-api-key", "")):
-            return fail(401, "unauthorized", "missing or wrong X-API-Key header")
+        if path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
+            request.state.caller = gw.caller(request.headers.get("x-api-key", ""))
+            if request.state.caller is None:
+                return fail(401, "unauthorized", "missing or wrong X-API-Key header")
         return await call_next(request)
 
     @app.exception_handler(HTTPException)
@@ -75,7 +83,34 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return fail(422, "invalid_request", problems)
 
-    @app.get("/health")
+    @app.exception_handler(psycopg.Error)
+    async def database_error(request: Request, exc: psycopg.Error) -> JSONResponse:
+        if is_outage(exc):
+            log.warning("database unavailable: %s", exc)
+            return fail(503, "database_unavailable", "the database is unavailable; retry later")
+        return fail(422, "invalid_value", f"the database refused a value: {str(exc).splitlines()[0]}")
+
+    @app.exception_handler(RecordTooLarge)
+    async def record_too_large(request: Request, exc: RecordTooLarge) -> JSONResponse:
+        return fail(413, "too_large", str(exc))
+
+    @app.exception_handler(KafkaException)
+    async def broker_error(request: Request, exc: KafkaException) -> JSONResponse:
+        error = exc.args[0] if exc.args else None
+        if isinstance(error, KafkaError) and error.code() in (
+            KafkaError.MSG_SIZE_TOO_LARGE,
+            KafkaError._MSG_SIZE_TOO_LARGE,
+        ):
+            return fail(413, "too_large", "the audio is too large for one record; send less audio")
+        log.warning("broker error: %s", exc)
+        return fail(503, "broker_unavailable", "the message broker is unavailable; retry later")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return fail(500, "internal_error", "unexpected error (logged); please report it")
+
+    @app.get("/health", responses=COMMON_ERRORS)
     async def health() -> JSONResponse:
         return ok({"status": "ok", "hub_ready": gw.hub.ready.is_set()})
 

@@ -14,14 +14,25 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile, WebSocket, WebSo
 from fastapi.responses import FileResponse, JSONResponse
 
 from speakerflow.streams import queries
-from speakerflow.streams.api.gateway import ApiError, Gateway, gateway, jsonable, ok, segment_json
+from speakerflow.streams.api.gateway import (
+    COMMON_ERRORS,
+    UPLOAD_ERRORS,
+    ApiError,
+    Caller,
+    Gateway,
+    caller,
+    gateway,
+    jsonable,
+    ok,
+    segment_json,
+)
 from speakerflow.streams.records import enrollment_request, pcm_sample
 from speakerflow.streams.stages.requests import CHECK_ONLY
 from speakerflow.streams.topology import ENROLLMENT_REQUESTS, ENROLLMENT_RESULTS, SEGMENTS_IDENTIFIED, STREAMS
 
 CONSOLE_DIR = Path(__file__).resolve().parent.parent / "console"
 
-router = APIRouter()
+router = APIRouter(responses=COMMON_ERRORS)
 
 
 @router.get("/", include_in_schema=False)
@@ -29,11 +40,18 @@ async def console_page() -> FileResponse:
     return FileResponse(CONSOLE_DIR / "index.html", media_type="text/html")
 
 
+@router.get("/whoami")
+async def whoami(who: Caller = Depends(caller)) -> JSONResponse:
+    """The caller's key: its owner (a client key opens and watches only stream ids `owner.*`) and whether
+    it is an admin key."""
+    return ok({"owner": who.owner, "admin": who.admin})
+
+
 @router.get("/streams")
-async def running_streams(gw: Gateway = Depends(gateway)) -> JSONResponse:
+async def running_streams(gw: Gateway = Depends(gateway), who: Caller = Depends(caller)) -> JSONResponse:
     """Streams heard of lately on the `streams` and segment topics, newest first, with their state
-    (RUNNING, ENDED, FAILED) and audio seconds."""
-    return ok({"items": gw.hub.live.streams()})
+    (RUNNING, ENDED, FAILED) and audio seconds; a client key sees only the streams it owns."""
+    return ok({"items": [s for s in gw.hub.live.streams() if who.owns(s["stream_id"])]})
 
 
 @router.websocket("/streams/{stream_id}/watch")
@@ -42,7 +60,11 @@ async def watch_stream(ws: WebSocket, stream_id: str) -> None:
     "segments": [...]}` (its state, and the latest record of each segment id and revision seen so far),
     then `{"type": "segment", ...}` and `{"type": "stream", ...}` (STARTED/ENDED/FAILED) as they arrive."""
     gw: Gateway = ws.app.state.gateway
-    if not await gw.websocket_admitted(ws):
+    who = await gw.websocket_caller(ws)
+    if who is None:
+        return
+    if not who.owns(stream_id):
+        await ws.close(code=4403, reason=f"this key may watch only stream ids starting with {who.owner}.")
         return
     with (
         gw.hub.subscribe(SEGMENTS_IDENTIFIED, stream_id) as updates,
@@ -98,7 +120,7 @@ async def history_stream(stream_id: str, gw: Gateway = Depends(gateway)) -> JSON
     return ok(jsonable(rows[0]) | {"talk": talk, "segments": [jsonable(s) for s in segments]})
 
 
-@router.post("/speakers/check")
+@router.post("/speakers/check", responses=UPLOAD_ERRORS)
 async def check_enrollment(
     name: str = Form(""), files: list[UploadFile] = File(...), gw: Gateway = Depends(gateway)
 ) -> JSONResponse:

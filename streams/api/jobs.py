@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from speakerflow.streams import queries
 from speakerflow.streams.api.gateway import (
+    COMMON_ERRORS,
     SAMPLE_RATE,
+    UPLOAD_ERRORS,
     ApiError,
     Gateway,
     gateway,
@@ -25,11 +27,13 @@ from speakerflow.streams.api.gateway import (
     ok,
     safe_name,
     segment_json,
+    valid_id,
 )
 from speakerflow.streams.api.live import cut_recording, recording_of
 from speakerflow.streams.topology import SEGMENTS_IDENTIFIED, STREAMS
 
-router = APIRouter()
+router = APIRouter(responses=COMMON_ERRORS)
+OFFSET_MAX = 2**31 - 1
 
 
 def _upload_route(kind: str) -> None:
@@ -44,7 +48,7 @@ def _upload_route(kind: str) -> None:
     ) -> JSONResponse:
         return await submit(request, gw, kind, file, sync, export_segments)
 
-    router.post(f"/{kind}", name=kind)(endpoint)
+    router.post(f"/{kind}", name=kind, responses=UPLOAD_ERRORS)(endpoint)
 
 
 for _kind in ("identify", "diarize"):
@@ -52,14 +56,18 @@ for _kind in ("identify", "diarize"):
 
 
 @router.get("/jobs")
-async def list_jobs(offset: int = 0, limit: int = 50, gw: Gateway = Depends(gateway)) -> JSONResponse:
-    rows = await gw.db(queries.LIST_JOBS, (max(offset, 0), max(1, min(limit, 500))))
+async def list_jobs(
+    offset: int = Query(0, ge=0, le=OFFSET_MAX),
+    limit: int = Query(50, ge=1, le=500),
+    gw: Gateway = Depends(gateway),
+) -> JSONResponse:
+    rows = await gw.db(queries.LIST_JOBS, (offset, limit))
     return ok({"items": [jsonable(r) for r in rows], "offset": offset, "limit": limit})
 
 
 @router.get("/jobs/{job_id}")
 async def get_job(job_id: str, gw: Gateway = Depends(gateway)) -> JSONResponse:
-    rows = await gw.db(queries.GET_JOB, (job_id,))
+    rows = await gw.db(queries.GET_JOB, (valid_id("job_id", job_id),))
     if not rows:
         raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
     segments = await gw.db(queries.JOB_SEGMENTS, (job_id,))
@@ -70,10 +78,16 @@ async def get_job(job_id: str, gw: Gateway = Depends(gateway)) -> JSONResponse:
     return ok(jsonable(rows[0]) | {"segments": [jsonable(s) for s in segments]})
 
 
-@router.get("/segments/{job_id}/audio/{segment_id}")
+@router.get(
+    "/segments/{job_id}/audio/{segment_id}",
+    response_class=Response,
+    responses={200: {"content": {"audio/wav": {}}, "description": "The segment's audio (WAV)."}},
+)
 async def segment_audio(job_id: str, segment_id: str, gw: Gateway = Depends(gateway)) -> Response:
     """The exported clip of a job's segment, or the segment cut from a live call's kept PCM (WebSocket
     with `?export_segments=true`)."""
+    valid_id("job_id", job_id)
+    valid_id("segment_id", segment_id)
     path = gw.export_dir / safe_name(job_id) / f"{safe_name(segment_id)}.wav"
     if path.is_file():
         return FileResponse(path, media_type="audio/wav")

@@ -15,8 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from speakerflow.streams.cli.common import diarizer_arguments, group
 from speakerflow.streams.cli.common import embedder as configured_embedder
-from speakerflow.streams.cli.common import group
 
 # Kept here so that `--help` needs no evaluation import; evaluation/embed_bench.py describes each one.
 BACKEND_NAMES = ("campplus", "ge2e", "ecapa", "ecapa-int8", "ecapa-sb-batched", "ecapa-stock")
@@ -109,6 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=10.0, help="stop after this much audio")
     p.add_argument("--chunk-s", type=float, default=0.5)
     p.add_argument("--json", default="", help="write the figures here")
+    diarizer_arguments(p)
     p.set_defaults(func=cmd_bench_diarize)
 
 
@@ -329,19 +330,29 @@ def cmd_bench_diarize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from speakerflow.evaluation.diarization import multi_speaker_items, run_stream
+    from speakerflow.evaluation.overlap_runner import diarizer_runner
     from speakerflow.processors.audio import decode_file
     from speakerflow.streams.settings import Settings
     from speakerflow.streams.stages.diarize import diarizer_config
 
+    settings = Settings.from_env()
     embedder = configured_embedder("")
-    config = diarizer_config(Settings.from_env(), embedder.name)
     embedder.embed([decode_file(multi_speaker_items(args.manifest)[0].audio)[:32000]])  # warm-up
-    totals = dict.fromkeys(("vad", "embed", "cluster", "revise"), 0.0)
+    runner, config = diarizer_runner(
+        args.diarizer or settings.diarizer,
+        embedder,
+        diarizer_config(settings, embedder.name),
+        args.set,
+        args.chunk_s,
+    )
+    steps = ("segment", "embed", "cluster", "revise") if runner else ("vad", "embed", "cluster", "revise")
+    totals = dict.fromkeys(steps, 0.0)
     audio_s = 0.0
     windows = 0
     files = 0
     for item in tqdm(multi_speaker_items(args.manifest), desc="files", unit="file"):
-        run = run_stream(decode_file(item.audio), config, embedder.embed, args.chunk_s)
+        audio = decode_file(item.audio)
+        run = runner(audio) if runner else run_stream(audio, config, embedder.embed, args.chunk_s)
         for key, value in run.seconds.items():
             totals[key] += value
         audio_s += run.duration_s
@@ -349,7 +360,7 @@ def cmd_bench_diarize(args: argparse.Namespace) -> int:
         files += 1
         if audio_s >= args.minutes * 60:
             break
-    live = totals["vad"] + totals["embed"] + totals["cluster"]
+    live = sum(v for k, v in totals.items() if k != "revise")
     figures = {
         "embedder": embedder.model_id,
         "files": files,
@@ -361,7 +372,7 @@ def cmd_bench_diarize(args: argparse.Namespace) -> int:
         "rtf_with_revision": (live + totals["revise"]) / audio_s,
     }
     print(f"{files} files, {audio_s / 60:.1f} min of audio, {windows} windows ({embedder.model_id})")
-    for key in ("vad", "embed", "cluster", "revise"):
+    for key in steps:
         print(f"  {key:<8} {totals[key]:7.2f} s   RTF {totals[key] / audio_s:.4f}")
     rtf = figures["rtf_live"]
     print(f"live diarization RTF {rtf:.4f} (one core-second per {1 / rtf:.0f} s of audio)")

@@ -48,3 +48,21 @@ def database(config: Settings) -> Iterator[str]:
     finally:
         if embedded:
             embedded.stop()
+
+
+def diarizer_arguments(p: argparse.ArgumentParser) -> None:
+    """`--diarizer` and `--set` of `eval diarize` and `bench diarize`."""
+    p.add_argument(
+        "--diarizer",
+        choices=["light", "segmentation"],
+        default="",
+        help="light: VAD + windows; segmentation: pyannote segmentation-3.0 + overlap (default: "
+        "SPEAKERFLOW_DIARIZER)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a segmentation-diarizer setting (OverlapConfig field), e.g. --set delta_new=0.3",
+    )

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from speakerflow.streams.cli.common import diarizer_arguments, group
 from speakerflow.streams.cli.common import embedder as configured_embedder
-from speakerflow.streams.cli.common import group
 from speakerflow.streams.cli.speakers import describe as _describe
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", action="store_true", help="also run the two baselines")
     p.add_argument("--embedder", default="", help="embedder name (default: SPEAKERFLOW_EMBEDDER)")
     p.add_argument("--limit", type=int, default=0, help="only the first N files")
+    diarizer_arguments(p)
     p.set_defaults(func=cmd_eval_diarize)
 
     c = sub.add_parser("calibrate", help="fit score calibration and thresholds for the embedder's model id")
@@ -484,6 +485,7 @@ def cmd_eval_diarize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from speakerflow.evaluation.diarization import Scorer, evaluate_item, multi_speaker_items, plot_timeline
+    from speakerflow.evaluation.overlap_runner import diarizer_runner
     from speakerflow.streams.settings import Settings
     from speakerflow.streams.stages.diarize import diarizer_config
 
@@ -494,8 +496,15 @@ def cmd_eval_diarize(args: argparse.Namespace) -> int:
         print(f"error: no speaker=multi rows with an RTTM in {args.manifest}", file=sys.stderr)
         return 2
     latencies = tuple(float(x) for x in args.latency.split(",") if x.strip())
+    settings = Settings.from_env()
     embedder = configured_embedder(args.embedder)
-    config = diarizer_config(Settings.from_env(), embedder.name)
+    runner, config = diarizer_runner(
+        args.diarizer or settings.diarizer,
+        embedder,
+        diarizer_config(settings, embedder.name),
+        args.set,
+        args.chunk_s,
+    )
     scorer = Scorer()
     plot_dir = Path(args.plot) if args.plot else None
     if plot_dir:
@@ -503,7 +512,9 @@ def cmd_eval_diarize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     audio_s = 0.0
     for item in tqdm(items, desc="files", unit="file"):
-        result = evaluate_item(item, config, embedder.embed, scorer, latencies, args.chunk_s, args.baselines)
+        result = evaluate_item(
+            item, config, embedder.embed, scorer, latencies, args.chunk_s, args.baselines, runner
+        )
         audio_s += result.run.duration_s
         if plot_dir:
             shown = ("revision", f"live@{2:g}s" if 2.0 in latencies else "live_final")

@@ -20,6 +20,7 @@ import speakerflow.streams.cli.speakers as speakers
 from speakerflow.streams.broker import accepts_connections
 from speakerflow.streams.cli.common import settings as settings_from_env
 from speakerflow.streams.logs import setup_logging
+from speakerflow.streams.settings import secret_values
 
 PRODUCT = (services, speakers, live, admin)
 TOOLING = (evaluate, bench, simulate, loadtest)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a malformed environment variable
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, secret_values(settings))
     if _needs_broker(args) and not accepts_connections(settings.bootstrap_servers, timeout_s=2.0):
         # One line instead of librdkafka retrying (and logging every refused connection) for half a minute.
         print(

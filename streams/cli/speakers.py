@@ -86,7 +86,13 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         if not f.is_file():
             print(f"error: {f} is not a file", file=sys.stderr)
             return 2
-    speaker_id = args.speaker_id or args.name.lower().replace(" ", "-")
+    from speakerflow.streams.limits import InvalidField, check_id, check_name, slug
+
+    try:
+        speaker_id = check_id("speaker_id", args.speaker_id or slug(check_name(args.name)))
+    except InvalidField as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     request_id = publish_enrollment(Publisher(settings), speaker_id, args.name, files, args.mode.upper())
     print(f"enrollment request {request_id} for {speaker_id} published")
     if args.wait <= 0:

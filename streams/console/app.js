@@ -293,7 +293,16 @@ const pages = {
     let capture = null;
     let socket = null;
     const status = $("mic-status");
-    if (!$("mic-stream").value) $("mic-stream").value = `mic-${Math.random().toString(16).slice(2, 8)}`;
+    if (!$("mic-stream").value) {
+      // A client key may open only stream ids that start with its owner (`owner.`); admin keys any.
+      const suffix = `mic-${Math.random().toString(16).slice(2, 8)}`;
+      $("mic-stream").value = suffix;
+      api("/whoami")
+        .then((who) => {
+          if (!who.admin && $("mic-stream").value === suffix) $("mic-stream").value = `${who.owner}.${suffix}`;
+        })
+        .catch(() => {});
+    }
 
     const start = async () => {
       clearMessage();

@@ -25,9 +25,8 @@ import time
 import numpy as np
 from confluent_kafka import Message, TopicPartition
 
-from speakerflow.processors.audio import AudioDecodeError, decode_pcm
+from speakerflow.processors.audio import decode_pcm
 from speakerflow.processors.diarization import (
-    SNAPSHOT_FORMAT,
     DiarizerConfig,
     StreamDiarizer,
     TurnUpdate,
@@ -35,7 +34,14 @@ from speakerflow.processors.diarization import (
     config_for_embedder,
 )
 from speakerflow.processors.embedding import Embedder
+from speakerflow.processors.overlap_diarization import (
+    Chunk,
+    LocalSpeaker,
+    SegmentationDiarizer,
+    overlap_config,
+)
 from speakerflow.processors.vad import VadConfig
+from speakerflow.streams.limits import InvalidField, check_audio_chunk
 from speakerflow.streams.runtime import (
     Metrics,
     Processor,
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 
 REORDER_LIMIT = 32  # chunks held while waiting for a missing sequence number
 WINDOW_BLOCK = 256  # windows per immutable state block (keeps each state record well under 1 MB)
+SEGMENT_BATCH = 32  # segmentation windows per model call (segmentation mode)
 
 
 class ChunkRejected(ValueError):
@@ -90,6 +97,15 @@ class DiarizeProcessor(Processor):
         self.embedder = embedder
         self.metrics = metrics
         self.config = diarizer_config(settings, embedder.name)
+        self.segmenter = None
+        if settings.diarizer == "segmentation":
+            from speakerflow.processors.segmentation import Segmenter
+
+            self.overlap_config = overlap_config(latency_s=settings.latency_s, embedder=embedder.name)
+            self.segmenter = Segmenter(device=settings.device)
+            self.overlap_config.check_grid(self.segmenter.grid)
+        elif settings.diarizer != "light":
+            raise ValueError(f"SPEAKERFLOW_DIARIZER={settings.diarizer!r}: choose 'light' or 'segmentation'")
         self.streams: dict[str, StreamState] = {}
         self.store = DiarizerStateStore(settings)
         self._out_topic = settings.topic(SEGMENTS_DIARIZED)
@@ -104,6 +120,12 @@ class DiarizeProcessor(Processor):
         for msg in messages:
             chunk = decode_or_dead_letter(msg, "AudioChunk", self.role, publisher, self.metrics)
             if chunk is None:
+                continue
+            try:
+                # Before the chunk touches any stream: a bad first chunk must not fix a stream's format.
+                check_audio_chunk(chunk)
+            except InvalidField as exc:
+                send_to_dead_letter(msg, self.role, exc, publisher, self.metrics)
                 continue
             if chunk["stream_id"] not in self.streams and chunk["seq"] > 0:
                 pending += self._recover(msg, chunk, publisher, ended, touched)
@@ -128,7 +150,9 @@ class DiarizeProcessor(Processor):
         for ready_msg, ready_chunk in self._in_order(msg, chunk):
             try:
                 state, windows = self._push(ready_msg, ready_chunk)
-            except (AudioDecodeError, ChunkRejected) as exc:
+            except Exception as exc:  # AudioDecodeError, ChunkRejected, or anything this chunk caused
+                # Blamed here rather than by the runtime's guard: the batch's other chunks keep the
+                # windows they already produced (a retry of the batch would drop them as duplicates).
                 send_to_dead_letter(ready_msg, self.role, exc, publisher, self.metrics)
                 continue
             touched[state.stream_id] = state
@@ -178,7 +202,13 @@ class DiarizeProcessor(Processor):
         state.next_seq = max(state.next_seq, chunk["seq"] + 1)
         state.last_chunk_monotonic = time.monotonic()
         state.applied_offset = max(state.applied_offset, msg.offset() or 0)
-        samples = decode_pcm(chunk["payload"], chunk["encoding"], chunk["sample_rate"], chunk["channels"])
+        samples = decode_pcm(
+            chunk["payload"],
+            chunk["encoding"],
+            chunk["sample_rate"],
+            chunk["channels"],
+            max_seconds=self.settings.chunk_max_audio_s,
+        )
         self.metrics.inc("chunks")
         windows = state.diarizer.push_audio(samples) if samples.size else []
         if chunk["end_of_stream"]:
@@ -189,7 +219,7 @@ class DiarizeProcessor(Processor):
     def _open(self, msg: Message, chunk: dict) -> StreamState:
         state = StreamState(
             chunk["stream_id"],
-            StreamDiarizer(self.config),
+            self._new_diarizer(),
             chunk["capture_ts_ms"],
             chunk["sample_rate"],
             chunk["channels"],
@@ -201,6 +231,14 @@ class DiarizeProcessor(Processor):
         if self._publisher is not None:
             self._stream_event(self._publisher, state, "STARTED")
         return state
+
+    def _diarizer_class(self) -> type[StreamDiarizer] | type[SegmentationDiarizer]:
+        return StreamDiarizer if self.segmenter is None else SegmentationDiarizer
+
+    def _new_diarizer(self) -> StreamDiarizer | SegmentationDiarizer:
+        if self.segmenter is None:
+            return StreamDiarizer(self.config)
+        return SegmentationDiarizer(self.overlap_config)
 
     def _stream_event(
         self,
@@ -241,10 +279,11 @@ class DiarizeProcessor(Processor):
         if saved is None:
             return []
         core, blocks = saved
-        if core["model_id"] != self.embedder.model_id or core["snapshot_format"] != SNAPSHOT_FORMAT:
+        kind = self._diarizer_class()
+        if core["model_id"] != self.embedder.model_id or core["snapshot_format"] != kind.snapshot_format:
             log.warning("stream %s: saved state is for another model or format; starting afresh", stream_id)
             return []
-        diarizer = StreamDiarizer.restore(core["snapshot"], blocks)
+        diarizer = kind.restore(core["snapshot"], blocks)
         state = StreamState(
             stream_id,
             diarizer,
@@ -264,7 +303,7 @@ class DiarizeProcessor(Processor):
         for old_msg, old_chunk in self.store.replay(
             msg.topic(), partition, core["resume_offset"], msg.offset()
         ):
-            if old_chunk["stream_id"] == stream_id:
+            if old_chunk["stream_id"] == stream_id and _valid(old_chunk):
                 out += self._accept(old_msg, old_chunk, publisher, ended, touched)
         return out
 
@@ -283,17 +322,37 @@ class DiarizeProcessor(Processor):
             self.store.flush()
 
     def _save(self, state: StreamState) -> None:
-        full = state.diarizer.window_count // WINDOW_BLOCK
+        size = getattr(state.diarizer, "rows_per_block", WINDOW_BLOCK)
+        full = state.diarizer.window_count // size
         for block in range(state.saved_blocks, full):
-            rows = state.diarizer.window_rows(block * WINDOW_BLOCK, (block + 1) * WINDOW_BLOCK)
+            rows = state.diarizer.window_rows(block * size, (block + 1) * size)
             self.store.save_block(state, block, rows)
         state.saved_blocks = full
-        self.store.save_core(state, state.diarizer.snapshot(windows_from=full * WINDOW_BLOCK), self.embedder)
+        self.store.save_core(state, state.diarizer.snapshot(windows_from=full * size), self.embedder)
         state.saved_audio_s = state.diarizer.audio_s
         self.metrics.inc("state.snapshots")
 
     # -- embedding and output --------------------------------------------------------------------
+    def _segment(self, pending: list[tuple[StreamState, Chunk]]) -> list[tuple[StreamState, LocalSpeaker]]:
+        """Segmentation mode: every stream's new windows through the model in shared batches; returns
+        the local speakers to embed."""
+        out: list[tuple[StreamState, LocalSpeaker]] = []
+        for first in range(0, len(pending), SEGMENT_BATCH):
+            batch = pending[first : first + SEGMENT_BATCH]
+            activity = self.segmenter(np.stack([chunk.samples for _, chunk in batch]))
+            by_stream: dict[str, tuple[StreamState, list[Chunk], list[np.ndarray]]] = {}
+            for (state, chunk), probs in zip(batch, activity, strict=True):
+                entry = by_stream.setdefault(state.stream_id, (state, [], []))
+                entry[1].append(chunk)
+                entry[2].append(probs)
+            for state, chunks, probs in by_stream.values():
+                out += [(state, s) for s in state.diarizer.add_segmentation(chunks, np.stack(probs))]
+        self.metrics.inc("segmentation.windows", len(pending))
+        return out
+
     def _embed_and_emit(self, pending: list[tuple[StreamState, Window]], publisher: Publisher) -> None:
+        if pending and self.segmenter is not None:
+            pending = self._segment(pending)
         if pending:
             embeddings = self.embedder.embed([w.samples for _, w in pending])
             self.metrics.inc("windows", len(pending))
@@ -343,6 +402,7 @@ class DiarizeProcessor(Processor):
         cutoff = time.monotonic() - self.settings.idle_timeout_s
         idle = [s for s in self.streams.values() if s.last_chunk_monotonic < cutoff]
         for state in idle:
+            self.streams.pop(state.stream_id, None)  # a stream whose end fails is not retried forever
             log.info("stream %s idle for %.0f s: ending it", state.stream_id, self.settings.idle_timeout_s)
             windows = state.diarizer.end_audio()
             state.ended = True
@@ -367,3 +427,11 @@ class DiarizeProcessor(Processor):
 
     def close(self) -> None:
         self.store.flush()
+
+
+def _valid(chunk: dict) -> bool:
+    try:
+        check_audio_chunk(chunk)
+    except InvalidField:
+        return False
+    return True

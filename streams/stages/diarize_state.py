@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Message, Producer
 
-from speakerflow.processors.diarization import SNAPSHOT_FORMAT, StreamDiarizer
+from speakerflow.processors.diarization import StreamDiarizer
 from speakerflow.processors.embedding import Embedder
+from speakerflow.processors.overlap_diarization import SegmentationDiarizer
 from speakerflow.schemas import codec
 from speakerflow.streams.runtime import TopicReader, now_ms, read_compacted
 from speakerflow.streams.settings import Settings
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class StreamState:
     stream_id: str
-    diarizer: StreamDiarizer
+    diarizer: StreamDiarizer | SegmentationDiarizer
     origin_capture_ms: int  # capture time of the stream's first sample
     sample_rate: int
     channels: int
@@ -71,7 +72,7 @@ class DiarizerStateStore:
             "stream_id": state.stream_id,
             "part": part,
             "snapshot": snapshot,
-            "snapshot_format": SNAPSHOT_FORMAT,
+            "snapshot_format": state.diarizer.snapshot_format,  # a worker in the other mode starts afresh
             "audio_s": state.diarizer.audio_s,
             "next_seq": state.next_seq,
             "resume_offset": state.resume_offset(),

@@ -16,12 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient
 
 from speakerflow.gallery.matcher import Gallery
 from speakerflow.gallery.voiceprint import Voiceprint
 from speakerflow.schemas import codec
+from speakerflow.streams.limits import NAME_MAX, check_id, check_text
 from speakerflow.streams.runtime import TopicReader
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.topology import GALLERY
@@ -98,17 +100,30 @@ class GalleryTable(threading.Thread):
                 listener(voiceprint.speaker_id, None)
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
-        speaker_id = (key or b"").decode()
-        if value is None:  # tombstone: the speaker was deleted
-            self.gallery.delete(speaker_id)
-            voiceprint = None
-        else:
-            try:
+        # Whatever a gallery record holds, the reader goes on: one bad record must not empty the table.
+        try:
+            speaker_id = (key or b"").decode()
+            if value is None:  # tombstone: the speaker was deleted
+                self.gallery.delete(speaker_id)
+                voiceprint = None
+            else:
                 voiceprint = Voiceprint.from_record(codec.decode("Voiceprint", value))
-            except (codec.SchemaError, ValueError) as exc:
-                log.warning("skipping unreadable gallery record for %r: %s", speaker_id, exc)
-                return
-            self.gallery.upsert(voiceprint)
+                _check(voiceprint, speaker_id)
+                self.gallery.upsert(voiceprint)
+        except Exception as exc:
+            log.warning("skipping unusable gallery record for %r: %s", (key or b"")[:80], exc)
+            return
         self.applied += 1
         for listener in self.listeners:
             listener(speaker_id, voiceprint)
+
+
+def _check(voiceprint: Voiceprint, key: str) -> None:
+    """A voiceprint's ids and name end up in every segment it labels (and their candidates): one with a
+    NUL or a 9,000-character id would make the sink refuse every one of them."""
+    check_id("speaker_id", voiceprint.speaker_id)
+    if voiceprint.speaker_id != key:
+        raise ValueError(f"record key {key!r} is not its speaker id {voiceprint.speaker_id!r}")
+    check_text("name", voiceprint.name, NAME_MAX)
+    if not np.isfinite(voiceprint.embedding).all():
+        raise ValueError("embedding holds NaN or infinity")

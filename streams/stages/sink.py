@@ -4,6 +4,12 @@ Writes are idempotent upserts on natural keys ((segment_id, revision) for segmen
 speakers), one transaction per polled batch, and the batch's offsets are committed only after the
 database commit. A crash between the two replays the batch, and the upserts make the replay harmless.
 While the database is unreachable the batch is retried with backoff and nothing is committed.
+
+An outage and a refused row are told apart: connection failures and the SQLSTATE classes of a server
+that is away (08 connection, 53 resources, 57 shutdown, 58 system) are retried forever; any other
+database error (NUL in text, a key too large for its btree index, a value out of range) is the row's
+fault, so it propagates, and the runtime's loop retries the batch record by record and sends the
+refused record to the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from confluent_kafka import Message
 
 from speakerflow.schemas import codec
 from speakerflow.streams import queries
-from speakerflow.streams.database import migrate
+from speakerflow.streams.database import is_outage, migrate
 from speakerflow.streams.runtime import Metrics, Processor, Publisher, send_to_dead_letter
 from speakerflow.streams.settings import Settings
 from speakerflow.streams.topology import GALLERY, STREAMS, stage
@@ -120,7 +126,9 @@ class PostgresSink(Processor):
             try:
                 action()
                 return
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
+                if not is_outage(exc):
+                    raise
                 log.warning("database unavailable (%s); retrying in %.1f s", exc, delay)
                 self._conn = None
                 self.stopping.wait(delay)

@@ -1,0 +1,138 @@
+"""The segmentation diarizer: powerset decoding, overlap on real speech, cannot-link, snapshots, latency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speakerflow.processors.audio import decode_file
+from speakerflow.processors.overlap_clustering import IncrementalClustering, offline_assign
+from speakerflow.processors.overlap_diarization import OverlapConfig, SegmentationDiarizer
+from speakerflow.processors.segmentation import Segmenter, powerset_to_multilabel
+
+RATE = 16000
+A_FILE = "librispeech/test-other/1688/1688-142285-0000.flac"
+B_FILE = "librispeech/test-other/2609/2609-156975-0002.flac"
+B_AT, A_END, END = 6.0, 10.0, 16.0  # A talks [0, 10), B talks [6, 16): both in [6, 10)
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> Segmenter:
+    torch.set_num_threads(1)
+    return Segmenter()
+
+
+@pytest.fixture(scope="module")
+def mix(shared_data) -> np.ndarray:
+    a = decode_file(shared_data / A_FILE)[: int(A_END * RATE)]
+    b = decode_file(shared_data / B_FILE)[: int((END - B_AT) * RATE)]
+    out = np.zeros(int(END * RATE), np.float32)
+    out[: len(a)] += a / np.abs(a).max() * 0.5
+    out[int(B_AT * RATE) : int(B_AT * RATE) + len(b)] += b / np.abs(b).max() * 0.5
+    return out
+
+
+def feed(diarizer, audio, segmenter, embed, start=0, stop=None, step=8000, log=None):
+    """Push audio[start:stop] in `step`-sample chunks (and end the stream when stop is None)."""
+    stop = len(audio) if stop is None else stop
+    updates = []
+
+    def process(chunks):
+        activity = segmenter(np.stack([c.samples for c in chunks])) if chunks else np.zeros((0, 0, 3))
+        speakers = diarizer.add_segmentation(chunks, activity)
+        out = diarizer.add_embeddings(speakers, embed([s.samples for s in speakers]))
+        if log is not None:
+            log.append((round(diarizer.audio_s * RATE), round(diarizer.committed_s * RATE), out))
+        updates.extend(out)
+
+    for i in range(start, stop, step):
+        process(diarizer.push_audio(audio[i : min(i + step, stop)]))
+    if stop == len(audio):
+        process(diarizer.end_audio())
+        updates.extend(diarizer.finish())
+    return updates
+
+
+def labels_in(segments, lo, hi, frame=0.05) -> list[set[str]]:
+    times = np.arange(lo, hi, frame)
+    return [{u.label for u in segments if u.start_s <= t < u.end_s} for t in times]
+
+
+def test_powerset_decoding_gives_speaker_probabilities(segmenter) -> None:
+    # classes: none, 1, 2, 3, 1+2, 1+3, 2+3
+    log_probs = torch.log(
+        torch.tensor([[[0, 0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0]]], dtype=torch.float32) + 1e-9
+    )
+    multi = powerset_to_multilabel(log_probs, segmenter._mapping)
+    assert np.allclose(multi[0, 0].numpy(), [1, 1, 0], atol=1e-6)
+    assert np.allclose(multi[0, 1].numpy(), [0, 0, 0], atol=1e-6)
+    windows = np.random.default_rng(0).normal(0, 0.1, (2, 5 * RATE)).astype(np.float32)
+    out = segmenter(windows)
+    assert out.shape == (2, segmenter.frames(5 * RATE), 3)
+    assert out.min() >= 0 and out.max() <= 1 + 1e-5
+    OverlapConfig().check_grid(segmenter.grid)
+
+
+def test_two_speakers_and_their_overlap_are_found(mix, segmenter, ge2e) -> None:
+    diarizer = SegmentationDiarizer()
+    feed(diarizer, mix, segmenter, ge2e.embed)
+    revision = diarizer.revise()
+    alone_a = labels_in(revision, 1.0, B_AT - 0.5)
+    both = labels_in(revision, B_AT + 0.5, A_END - 0.5)
+    alone_b = labels_in(revision, A_END + 0.5, END - 1.0)
+    a = max({lbl for s in alone_a for lbl in s}, key=lambda x: sum(x in s for s in alone_a))
+    b = max({lbl for s in alone_b for lbl in s}, key=lambda x: sum(x in s for s in alone_b))
+    assert a != b
+    assert np.mean([s == {a} for s in alone_a if s]) > 0.9
+    assert np.mean([s == {b} for s in alone_b if s]) > 0.9
+    assert np.mean([s == {a, b} for s in both]) > 0.5  # pauses in read speech leave one voice at times
+    assert np.mean([len(s) == 2 for s in alone_a + alone_b]) < 0.05
+
+
+def test_cannot_link_two_local_speakers_never_share_a_global_one() -> None:
+    same = np.ones((3, 4), np.float32)
+    activity = np.full((50, 3), 0.9, np.float32)
+    clustering = IncrementalClustering(delta_new=0.5)
+    first = clustering.assign(same, np.ones(3, bool), activity)
+    second = clustering.assign(same, np.ones(3, bool), activity)
+    for mapping in (first, second):
+        assert len(set(mapping.tolist())) == 3 and (mapping >= 0).all()
+    labels = offline_assign(np.ones((6, 4)), np.array([0, 0, 0, 1, 1, 2]), threshold=0.5)
+    for owner in range(3):
+        members = labels[np.array([0, 0, 0, 1, 1, 2]) == owner]
+        members = members[members >= 0]  # a local speaker with no cluster left is dropped, not merged
+        assert len(members) and len(set(members.tolist())) == len(members)
+
+
+def test_snapshot_restore_continues_identically(mix, segmenter, ge2e) -> None:
+    config = OverlapConfig()
+    whole = SegmentationDiarizer(config)
+    expected = feed(whole, mix, segmenter, ge2e.embed)
+    first = SegmentationDiarizer(config)
+    cut = int(9.0 * RATE)
+    before = feed(first, mix, segmenter, ge2e.embed, stop=cut)
+    split = first.window_count // 2
+    restored = SegmentationDiarizer.restore(first.snapshot(windows_from=split), [first.window_rows(0, split)])
+    after = feed(restored, mix, segmenter, ge2e.embed, start=cut)
+    got = before + after
+
+    def key(u):
+        return (u.turn_index, u.label, round(u.start_s, 6), round(u.end_s, 6), u.is_final, u.window_count)
+
+    assert [key(u) for u in got] == [key(u) for u in expected]
+    assert all(np.array_equal(a.embedding, b.embedding) for a, b in zip(got, expected, strict=True))
+    assert [key(u) for u in restored.revise()] == [key(u) for u in whole.revise()]
+
+
+def test_no_frame_waits_longer_than_the_latency(mix, segmenter, ge2e) -> None:
+    config = OverlapConfig(latency_s=2.0)
+    log = []
+    feed(SegmentationDiarizer(config), mix, segmenter, ge2e.embed, log=log)
+    latency = int(config.latency_s * RATE)
+    frame = config.frame_step
+    for audio, committed, updates in log:
+        # every frame that ended `latency` samples ago or earlier is committed ...
+        assert committed >= min(audio - latency - frame, audio) or committed == len(mix)
+        # ... and nothing is labelled beyond what is committed
+        assert all(round(u.end_s * RATE) <= committed + 1 for u in updates)
