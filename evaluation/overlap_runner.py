@@ -77,3 +77,16 @@ def diarizer_runner(
         run_overlap_stream, config=config, segment=segmenter, embed=embedder.embed, chunk_s=chunk_s
     )
     return runner, config
+
+
+def configured_runner(
+    mode: str, embedder: Embedder, overrides: Sequence[str] = (), chunk_s: float = 0.5
+) -> tuple[Callable[[np.ndarray], StreamRun] | None, DiarizerConfig | OverlapConfig]:
+    """`diarizer_runner` as the stage would run it: `mode` or SPEAKERFLOW_DIARIZER, and the light
+    diarizer's settings for this embedder's family."""
+    from speakerflow.streams.settings import Settings
+    from speakerflow.streams.stages.diarize import diarizer_config
+
+    settings = Settings.from_env()
+    light = diarizer_config(settings, embedder.name)
+    return diarizer_runner(mode or settings.diarizer, embedder, light, overrides, chunk_s)

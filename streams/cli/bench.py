@@ -330,21 +330,12 @@ def cmd_bench_diarize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from speakerflow.evaluation.diarization import multi_speaker_items, run_stream
-    from speakerflow.evaluation.overlap_runner import diarizer_runner
+    from speakerflow.evaluation.overlap_runner import configured_runner
     from speakerflow.processors.audio import decode_file
-    from speakerflow.streams.settings import Settings
-    from speakerflow.streams.stages.diarize import diarizer_config
 
-    settings = Settings.from_env()
     embedder = configured_embedder("")
     embedder.embed([decode_file(multi_speaker_items(args.manifest)[0].audio)[:32000]])  # warm-up
-    runner, config = diarizer_runner(
-        args.diarizer or settings.diarizer,
-        embedder,
-        diarizer_config(settings, embedder.name),
-        args.set,
-        args.chunk_s,
-    )
+    runner, config = configured_runner(args.diarizer, embedder, args.set, args.chunk_s)
     steps = ("segment", "embed", "cluster", "revise") if runner else ("vad", "embed", "cluster", "revise")
     totals = dict.fromkeys(steps, 0.0)
     audio_s = 0.0

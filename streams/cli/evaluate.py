@@ -485,9 +485,7 @@ def cmd_eval_diarize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from speakerflow.evaluation.diarization import Scorer, evaluate_item, multi_speaker_items, plot_timeline
-    from speakerflow.evaluation.overlap_runner import diarizer_runner
-    from speakerflow.streams.settings import Settings
-    from speakerflow.streams.stages.diarize import diarizer_config
+    from speakerflow.evaluation.overlap_runner import configured_runner
 
     items = multi_speaker_items(args.manifest)
     if args.limit:
@@ -496,15 +494,8 @@ def cmd_eval_diarize(args: argparse.Namespace) -> int:
         print(f"error: no speaker=multi rows with an RTTM in {args.manifest}", file=sys.stderr)
         return 2
     latencies = tuple(float(x) for x in args.latency.split(",") if x.strip())
-    settings = Settings.from_env()
     embedder = configured_embedder(args.embedder)
-    runner, config = diarizer_runner(
-        args.diarizer or settings.diarizer,
-        embedder,
-        diarizer_config(settings, embedder.name),
-        args.set,
-        args.chunk_s,
-    )
+    runner, config = configured_runner(args.diarizer, embedder, args.set, args.chunk_s)
     scorer = Scorer()
     plot_dir = Path(args.plot) if args.plot else None
     if plot_dir:
