@@ -138,21 +138,6 @@ class Gateway:
             await ws.close(code=4401, reason="missing or wrong API key")
         return who
 
-    def key_ok(self, given: str) -> bool:
-        return any(secrets.compare_digest(given, key) for key in self.api_keys)
-
-    async def websocket_admitted(self, ws: WebSocket) -> bool:
-        """Accept the socket if its key is good; else close it with code 4401 and a reason, after the
-        handshake so that clients (browsers too) can read them. Browsers cannot set headers on a
-        WebSocket, so `?api_key=` stands in for X-API-Key."""
-        good = not self.api_keys or self.key_ok(
-            ws.headers.get("x-api-key", ws.query_params.get("api_key", ""))
-        )
-        await ws.accept()
-        if not good:
-            await ws.close(code=4401, reason="missing or wrong API key")
-        return good
-
     async def db(self, query: str, params: tuple | list = ()) -> list[dict]:
         def run() -> list[dict]:
             with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
