@@ -90,7 +90,10 @@ def _convex_hull(pmiss: np.ndarray, pfa: np.ndarray) -> tuple[np.ndarray, np.nda
 def threshold_at_far(nontarget: np.ndarray, far: float) -> float:
     """A threshold that accepts (>= t) as many non-target scores as a false-accept rate of `far`
     allows and no more: midway between the last allowed and the first refused non-target score."""
-    ordered = np.sort(np.asarray(nontarget, np.float64))[::-1]
+    # Kept in the scores' own precision: a threshold nudged past a float32 score in float64 would
+    # round back onto it when compared with float32 scores (numpy compares in the array's dtype).
+    scores = np.asarray(nontarget)
+    ordered = np.sort(scores if scores.dtype.kind == "f" else scores.astype(np.float64))[::-1]
     allowed = math.floor(far * len(ordered) + 1e-9)
     if allowed >= len(ordered):
         return float(ordered[-1])

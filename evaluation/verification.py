@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from speakerflow.evaluation.corpus import Utterance
-from speakerflow.evaluation.roc import equal_error_rate, error_rates, operating_thresholds
+from speakerflow.evaluation.roc import equal_error_rate, error_rates, operating_thresholds, threshold_at_far
 from speakerflow.processors.audio import decode_file
 from speakerflow.processors.embedding import Embedder
-from speakerflow.processors.scoring import OPERATING_POINTS, as_norm
+from speakerflow.processors.scoring import OPEN_SET_POINTS, OPERATING_POINTS, as_norm
 from speakerflow.processors.vad import VadConfig, one_torch_thread, speech_regions
 
 SAMPLE_RATE = 16000
@@ -529,10 +529,12 @@ def cross_fitted_open_set(
     for fold in range(folds):
         fit = (item_fold[trials.enrol] != fold) & (item_fold[trials.test] != fold)
         tar, non = scores[fit & trials.target], scores[fit & ~trials.target]
-        if not len(tar) or not len(non):
+        unknown = res.best_other[probe_fold != fold]
+        if not len(tar) or not len(non) or not len(unknown):
             continue
         mask = probe_fold == fold
-        for name, t in operating_thresholds(tar, non).items():
+        points = operating_thresholds(tar, non) | open_set_thresholds(unknown)
+        for name, t in points.items():
             rates = res.open_set(t, mask)
             fitted[name].append(t)
             for key in ("false_reject", "misidentified", "false_accept"):
@@ -545,6 +547,31 @@ def cross_fitted_open_set(
             **{k: c[k] / max(c["probes"], 1) for k in ("false_reject", "misidentified", "false_accept")},
         }
         for name, c in counts.items()
+    }
+
+
+def open_set_thresholds(unknown_best: np.ndarray) -> dict[str, float]:
+    """The threshold of every identification point (`OPEN_SET_POINTS`), fitted on the best scores
+    of unknown voices against a gallery (leave-one-speaker-out probes): the share that may pass."""
+    return {name: threshold_at_far(unknown_best, share) for name, share in OPEN_SET_POINTS.items()}
+
+
+def open_set_calibration(items: Sequence[Item], embeddings: np.ndarray) -> dict[str, Any]:
+    """Identification points fitted on `items` by leave-one-speaker-out identification (the same
+    split as `eval identify`), with the rates they give on those probes, for a calibration record."""
+    split = identification_split(items)
+    if len(split.enrol) < 2 or not split.probes:
+        return {"thresholds": {}, "rates": {}, "identification": {}}
+    res = probe_results(items, embeddings, split)
+    thresholds = open_set_thresholds(res.best_other)
+    rates = {
+        name: {k: v for k, v in res.open_set(t).items() if k in ("false_accept", "false_reject")}
+        for name, t in thresholds.items()
+    }
+    return {
+        "thresholds": thresholds,
+        "rates": rates,
+        "identification": {"speakers": len(res.speakers), "probes": len(res.probes)},
     }
 
 
@@ -708,7 +735,7 @@ def identification_thresholds(
     manifest's own trials unless the calibration file was fitted on this manifest anyway."""
     thresholds = {"configured": configured}
     if calibration is not None:
-        known = [k for k in OPERATING_POINTS if k in calibration["thresholds"]]
+        known = [k for k in (*OPERATING_POINTS, *OPEN_SET_POINTS) if k in calibration["thresholds"]]
         thresholds |= {f"calibrated:{k}": calibration["thresholds"][k] for k in known}
     embeddings = cache.embed(items, embedder, None, progress)
     trials = build_trials(items)

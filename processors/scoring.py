@@ -37,6 +37,11 @@ OPERATING_POINTS: dict[str, float | None] = {"eer": None, "far1": 0.01, "far0.1"
 # one of them passes grows about N-fold. A per-trial FAR of 0.01 % keeps open-set false accepts near
 # 1 % for a gallery of ~100 speakers; plain 1:1 verification may prefer `far1` or `eer`.
 DEFAULT_OPERATING_POINT = "far0.01"
+# Identification points, fitted on 1:N identification itself rather than on 1:1 trials: name -> the
+# share of unknown voices (each calibration speaker left out of the gallery in turn) that may pass
+# against someone. Only a calibration file has them (`speakerflow calibrate`); they hold for galleries
+# about the size of the calibration's, since false accepts grow with the number of voiceprints.
+OPEN_SET_POINTS: dict[str, float] = {"open1": 0.01}
 DEFAULT_SLOPE = 25.0
 
 
@@ -177,8 +182,9 @@ def default_calibration(
 ) -> Calibration:
     """The calibration for `model_id`: the fitted file in `calibration_dir` at `operating_point` when
     one exists, else the family default; `threshold` > 0 overrides the threshold either way."""
-    if operating_point not in OPERATING_POINTS:
-        raise ValueError(f"unknown operating point {operating_point!r}; choose from {list(OPERATING_POINTS)}")
+    known = [*OPERATING_POINTS, *OPEN_SET_POINTS]
+    if operating_point not in known:
+        raise ValueError(f"unknown operating point {operating_point!r}; choose from {known}")
     record = load_calibration(calibration_dir, model_id) if calibration_dir else None
     if record is not None:
         fitted = calibration_from_record(

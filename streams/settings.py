@@ -144,7 +144,8 @@ class Settings:
     operating_point: str = _env(
         "SPEAKERFLOW_OPERATING_POINT",
         "far0.01",
-        "Threshold of a calibration: `eer`, `far1`, `far0.1` or `far0.01` (false accepts per trial, %).",
+        "Threshold of a calibration: `eer`, `far1`, `far0.1` or `far0.01` (false accepts per trial, %), "
+        "or `open1` (1 % of unknown voices pass in 1:N identification).",
     )
     match_margin: float = _env(
         "SPEAKERFLOW_MATCH_MARGIN",

@@ -101,14 +101,18 @@ def test_eval_identify_and_calibrate(tiny_manifest: Path, tmp_path: Path, capsys
     configured = report["open_set"]["configured"]
     assert 0.0 <= configured["false_accept"] <= 1.0 and 0.0 <= configured["false_reject"] <= 1.0
     assert configured["threshold"] == report["threshold"]["value"]
-    assert set(report["cross_fitted"]) <= {"eer", "far1", "far0.1", "far0.01"}
+    assert set(report["cross_fitted"]) <= {"eer", "far1", "far0.1", "far0.01", "open1"}
 
     assert main(["calibrate", "--manifest", str(tiny_manifest)]) == 0
     printed = capsys.readouterr().out
     assert "far0.01" in printed and "<- SPEAKERFLOW_OPERATING_POINT" in printed
     record = load_calibration(tmp_path / "data" / "calibration", report["model_id"])
     assert record is not None and record["trials"] == {"target": 5, "nontarget": 40}
-    assert set(record["thresholds"]) == {"eer", "far1", "far0.1", "far0.01"}
+    assert set(record["thresholds"]) == {"eer", "far1", "far0.1", "far0.01", "open1"}
+    # open1: fitted on 1:N identification, each of the 5 speakers left out in turn; 1 % of 5 unknown
+    # probes rounds down to none, so none passes at the fitted threshold.
+    assert record["identification"] == {"speakers": 5, "probes": 5}
+    assert record["rates"]["open1"]["false_accept"] == 0.0 and "1:N" in printed
 
 
 ENROLL = [

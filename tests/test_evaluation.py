@@ -20,8 +20,10 @@ from speakerflow.evaluation.verification import (
     identification_metrics,
     identification_split,
     min_dcf,
+    open_set_calibration,
     parse_crops,
     plot_det,
+    probe_results,
     source_masks,
     speaker_folds,
     speech_of,
@@ -204,13 +206,24 @@ def test_trial_scores_and_det_plot(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_open_set_calibration_lets_the_allowed_share_of_unknown_voices_pass() -> None:
+    items, emb = synthetic_identification()
+    fitted = open_set_calibration(items, emb)
+    res = probe_results(items, emb, identification_split(items))
+    threshold = fitted["thresholds"]["open1"]
+    # 1 % of a handful of unknown probes is none: the threshold sits just above the best impostor.
+    assert (res.best_other >= threshold).sum() == 0 and threshold <= res.best_other.max() + 1e-6
+    assert fitted["rates"]["open1"]["false_accept"] == 0.0
+    assert fitted["identification"] == {"speakers": len(res.speakers), "probes": len(res.probes)}
+
+
 def test_cross_fitted_thresholds_never_see_the_probes_speakers() -> None:
     items, emb = synthetic_identification()
     folds = speaker_folds(items)
     assert sorted(folds.values()) == [0, 0, 1, 1]
     split = identification_split(items)
     report = cross_fitted_open_set(items, emb, split)
-    assert set(report) == {"eer", "far1", "far0.1", "far0.01"}
+    assert set(report) == {"eer", "far1", "far0.1", "far0.01", "open1"}
     for rates in report.values():
         assert rates["probes"] == len(split.probes)
         assert len(rates["thresholds"]) == 2

@@ -78,6 +78,9 @@ def test_threshold_at_far_accepts_exactly_the_allowed_non_targets() -> None:
         assert int((nontarget >= threshold).sum()) == round(far * 1000)
     # Below one allowed false accept: nothing may pass.
     assert (nontarget >= threshold_at_far(nontarget, 0.0001)).sum() == 0
+    # float32 scores (what embedders give): the nudge past the best impostor survives the comparison.
+    scores32 = nontarget.astype(np.float32)
+    assert (scores32 >= threshold_at_far(scores32, 0.0001)).sum() == 0
 
 
 def test_operating_thresholds_are_ordered() -> None:

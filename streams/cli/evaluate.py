@@ -280,7 +280,10 @@ def cmd_eval_identify(args: argparse.Namespace) -> int:
             f"  {name:<22} {rates['threshold']:7.4f} {_pct(rates['false_reject']):>13} "
             f"{_pct(rates['misidentified']):>14} {_pct(rates['false_accept']):>13}"
         )
-    print("  thresholds fitted on the other half of the speakers (2 folds, the probes' speakers unseen):")
+    print(
+        "  thresholds fitted on the other half of the speakers (2 folds, the probes' speakers unseen;"
+        " open1: 1 % of the other half's left-out speakers pass):"
+    )
     for name, rates in report["cross_fitted"].items():
         values = ", ".join(f"{t:.4f}" for t in rates["thresholds"])
         print(
@@ -313,11 +316,12 @@ def cmd_eval_identify(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from speakerflow.evaluation.roc import fit_calibration
+    from speakerflow.evaluation.roc import error_rates, fit_calibration
     from speakerflow.evaluation.verification import (
         build_trials,
         corpus_summary,
         crop_label,
+        open_set_calibration,
         parse_crops,
         trial_scores,
     )
@@ -349,6 +353,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
+    identification = open_set_calibration(items, enrol)
+    for name, threshold in identification["thresholds"].items():
+        far, frr = error_rates(np.concatenate(target), np.concatenate(nontarget), threshold)
+        record["thresholds"][name] = threshold
+        record["rates"][name] = {"far": far, "frr": frr, **identification["rates"][name]}
+    record["identification"] = identification["identification"]
     path = save_calibration(record, Path(args.out) if args.out else settings.calibration_path)
     print(f"calibration of {embedder.model_id} written to {path}")
     print(
@@ -362,7 +372,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for name, threshold in record["thresholds"].items():
         rates = record["rates"][name]
         mark = "  <- SPEAKERFLOW_OPERATING_POINT" if name == settings.operating_point else ""
-        print(f"{name:<16} {threshold:9.4f} {_pct(rates['far'])} {_pct(rates['frr'])}{mark}")
+        open_set = (
+            f"  (1:N, each speaker left out: false accepts {_pct(rates['false_accept'])}, "
+            f"false rejects {_pct(rates['false_reject'])})"
+            if "false_accept" in rates
+            else ""
+        )
+        print(f"{name:<16} {threshold:9.4f} {_pct(rates['far'])} {_pct(rates['frr'])}{open_set}{mark}")
     _write_json(args.json, record)
     return 0
 
