@@ -82,8 +82,8 @@ INSERT_JOB = (
 FAIL_JOB = "UPDATE streams SET status = 'FAILED', error = 'timed out' WHERE stream_id = %s RETURNING 1"
 LIST_JOBS = (
     "SELECT stream_id AS job_id, kind, status, created_at, started_at, ended_at, "
-    "audio_seconds, speakers, error FROM streams ORDER BY created_at DESC "
-    "OFFSET %s LIMIT %s"
+    "audio_seconds, speakers, error FROM streams WHERE (%s OR starts_with(stream_id, %s)) "
+    "ORDER BY created_at DESC OFFSET %s LIMIT %s"
 )
 GET_JOB = (
     "SELECT stream_id AS job_id, kind, status, created_at, started_at, ended_at, "
@@ -99,9 +99,11 @@ SEGMENT_SPAN = (
     "ORDER BY revision DESC LIMIT 1"
 )
 # The console's History page: streams newest first, talk time per speaker, one stream's final segments.
+# Lists take (is admin, owner prefix, offset, limit): a client key sees only its own `owner.*` streams.
 HISTORY_STREAMS = (
     "SELECT stream_id, kind, status, created_at, started_at, ended_at, audio_seconds, speakers, error "
-    "FROM streams ORDER BY coalesce(started_at, created_at) DESC OFFSET %s LIMIT %s"
+    "FROM streams WHERE (%s OR starts_with(stream_id, %s)) "
+    "ORDER BY coalesce(started_at, created_at) DESC OFFSET %s LIMIT %s"
 )
 HISTORY_STREAM = (
     "SELECT stream_id, kind, status, created_at, started_at, ended_at, audio_seconds, speakers, "

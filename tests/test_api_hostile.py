@@ -230,6 +230,36 @@ def test_malformed_websocket_frames_close_with_a_reason(gateway):
     assert "bob.call" in streams and not {s for s in streams if s.startswith("alice.rate")}
 
 
+def test_jobs_and_history_are_scoped_to_the_key_owner(gateway):
+    client, admin = gateway["client"], gateway["admin"]
+    upload = {"file": ("a.wav", wav(1.0), "audio/wav")}
+    mine = client.post("/identify", files=upload, data={"sync": "false"}).json()["data"]["job_id"]
+    theirs = admin.post("/identify", files=upload, data={"sync": "false"}).json()["data"]["job_id"]
+    assert mine.startswith("alice.identify-") and not theirs.startswith("alice.")
+    with psycopg.connect(gateway["url"]) as conn:  # another owner's live stream, as the sink writes it
+        conn.execute(
+            "INSERT INTO streams (stream_id, kind, status) VALUES ('bob.call', 'live', 'DONE') "
+            "ON CONFLICT DO NOTHING"
+        )
+
+    def ids(who: httpx.Client, path: str, key: str) -> set[str]:
+        response = who.get(path, params={"limit": 500})
+        assert response.status_code == 200, response.text
+        return {row[key] for row in response.json()["data"]["items"]}
+
+    assert mine in ids(client, "/jobs", "job_id") and theirs not in ids(client, "/jobs", "job_id")
+    assert {mine, theirs} <= ids(admin, "/jobs", "job_id")
+    assert ids(client, "/history", "stream_id") == {mine}
+    assert {mine, theirs, "bob.call"} <= ids(admin, "/history", "stream_id")
+    # Another owner's job or stream is a 404, exactly like one that does not exist.
+    assert client.get(f"/jobs/{mine}").status_code == 200
+    for path in (f"/jobs/{theirs}", "/history/bob.call", f"/segments/{theirs}/audio/x"):
+        assert error(client.get(path), 404) == "not_found"
+        assert admin.get(path).status_code in (200, 404)
+    assert admin.get(f"/jobs/{theirs}").status_code == 200
+    assert admin.get("/history/bob.call").status_code == 200
+
+
 @pytest.fixture
 def _restore_logging() -> Iterator[None]:
     """`main` and `setup_logging` replace the root handlers (bound to the captured stderr): put them back."""

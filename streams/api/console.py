@@ -101,18 +101,23 @@ async def _forward(ws: WebSocket, updates: asyncio.Queue) -> None:
 
 
 @router.get("/history")
-async def history(offset: int = 0, limit: int = 50, gw: Gateway = Depends(gateway)) -> JSONResponse:
-    """Past and running streams from PostgreSQL, newest first, each with its talk time per speaker."""
-    rows = await gw.db(queries.HISTORY_STREAMS, (max(offset, 0), max(1, min(limit, 500))))
+async def history(
+    offset: int = 0, limit: int = 50, gw: Gateway = Depends(gateway), who: Caller = Depends(caller)
+) -> JSONResponse:
+    """Past and running streams from PostgreSQL, newest first, each with its talk time per speaker; a
+    client key sees only its own streams and jobs."""
+    rows = await gw.db(queries.HISTORY_STREAMS, (*who.scope(), max(offset, 0), max(1, min(limit, 500))))
     talk = await _talk_times(gw, [r["stream_id"] for r in rows])
     items = [jsonable(r) | {"talk": talk.get(r["stream_id"], [])} for r in rows]
     return ok({"items": items, "offset": offset, "limit": limit})
 
 
 @router.get("/history/{stream_id}")
-async def history_stream(stream_id: str, gw: Gateway = Depends(gateway)) -> JSONResponse:
+async def history_stream(
+    stream_id: str, gw: Gateway = Depends(gateway), who: Caller = Depends(caller)
+) -> JSONResponse:
     """One stream from PostgreSQL: its row, talk time per speaker and its current final segments."""
-    rows = await gw.db(queries.HISTORY_STREAM, (stream_id,))
+    rows = await gw.db(queries.HISTORY_STREAM, (who.owned("stream", stream_id),))
     if not rows:
         raise ApiError(404, "not_found", f"stream {stream_id!r} is not in the database")
     segments = await gw.db(queries.HISTORY_SEGMENTS, (stream_id,))

@@ -85,7 +85,23 @@ class Caller:
 
     def owns(self, stream_id: str) -> bool:
         """A client key may open, watch and list only the stream ids that start with `owner.`."""
-        return self.admin or stream_id.startswith(f"{self.owner}.")
+        return self.admin or stream_id.startswith(self.prefix)
+
+    @property
+    def prefix(self) -> str:
+        """The stream-id prefix of this caller's streams and jobs."""
+        return f"{self.owner}."
+
+    def scope(self) -> tuple[bool, str]:
+        """Parameters of a listing query's `(%s OR starts_with(stream_id, %s))`: all rows for an admin."""
+        return self.admin, self.prefix
+
+    def owned(self, kind: str, stream_id: str) -> str:
+        """`stream_id` when this caller owns it; else a 404, as if it did not exist (ids of other owners'
+        streams and jobs are not revealed)."""
+        if not self.owns(stream_id):
+            raise ApiError(404, "not_found", f"{kind} {stream_id!r} does not exist")
+        return stream_id
 
 
 OPEN_CALLER = Caller("", True)  # no keys configured: development, everything allowed

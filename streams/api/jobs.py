@@ -21,7 +21,9 @@ from speakerflow.streams.api.gateway import (
     SAMPLE_RATE,
     UPLOAD_ERRORS,
     ApiError,
+    Caller,
     Gateway,
+    caller,
     gateway,
     jsonable,
     ok,
@@ -45,8 +47,9 @@ def _upload_route(kind: str) -> None:
         sync: bool = Form(True),
         export_segments: bool = Form(False),
         gw: Gateway = Depends(gateway),
+        who: Caller = Depends(caller),
     ) -> JSONResponse:
-        return await submit(request, gw, kind, file, sync, export_segments)
+        return await submit(request, gw, kind, file, sync, export_segments, who)
 
     router.post(f"/{kind}", name=kind, responses=UPLOAD_ERRORS)(endpoint)
 
@@ -60,14 +63,16 @@ async def list_jobs(
     offset: int = Query(0, ge=0, le=OFFSET_MAX),
     limit: int = Query(50, ge=1, le=500),
     gw: Gateway = Depends(gateway),
+    who: Caller = Depends(caller),
 ) -> JSONResponse:
-    rows = await gw.db(queries.LIST_JOBS, (offset, limit))
+    """Jobs newest first; a client key sees only its own (ids `owner.*`)."""
+    rows = await gw.db(queries.LIST_JOBS, (*who.scope(), offset, limit))
     return ok({"items": [jsonable(r) for r in rows], "offset": offset, "limit": limit})
 
 
 @router.get("/jobs/{job_id}")
-async def get_job(job_id: str, gw: Gateway = Depends(gateway)) -> JSONResponse:
-    rows = await gw.db(queries.GET_JOB, (valid_id("job_id", job_id),))
+async def get_job(job_id: str, gw: Gateway = Depends(gateway), who: Caller = Depends(caller)) -> JSONResponse:
+    rows = await gw.db(queries.GET_JOB, (who.owned("job", valid_id("job_id", job_id)),))
     if not rows:
         raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
     segments = await gw.db(queries.JOB_SEGMENTS, (job_id,))
@@ -83,10 +88,12 @@ async def get_job(job_id: str, gw: Gateway = Depends(gateway)) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {"audio/wav": {}}, "description": "The segment's audio (WAV)."}},
 )
-async def segment_audio(job_id: str, segment_id: str, gw: Gateway = Depends(gateway)) -> Response:
+async def segment_audio(
+    job_id: str, segment_id: str, gw: Gateway = Depends(gateway), who: Caller = Depends(caller)
+) -> Response:
     """The exported clip of a job's segment, or the segment cut from a live call's kept PCM (WebSocket
     with `?export_segments=true`)."""
-    valid_id("job_id", job_id)
+    who.owned("job", valid_id("job_id", job_id))
     valid_id("segment_id", segment_id)
     path = gw.export_dir / safe_name(job_id) / f"{safe_name(segment_id)}.wav"
     if path.is_file():
@@ -113,10 +120,17 @@ async def _segment_span(gw: Gateway, stream_id: str, segment_id: str) -> tuple[f
 
 
 async def submit(
-    request: Request, gw: Gateway, kind: str, file: UploadFile, sync: bool, export_segments: bool
+    request: Request,
+    gw: Gateway,
+    kind: str,
+    file: UploadFile,
+    sync: bool,
+    export_segments: bool,
+    who: Caller,
 ) -> JSONResponse:
     audio = await gw.read_audio(file)
-    job_id = f"{kind}-{uuid.uuid4().hex[:12]}"
+    # A client key's jobs carry its owner prefix, like its live streams, so that only it can read them.
+    job_id = f"{'' if who.admin else who.prefix}{kind}-{uuid.uuid4().hex[:12]}"
     await gw.db(
         queries.INSERT_JOB,
         (job_id, kind, len(audio) / SAMPLE_RATE, json.dumps({"filename": file.filename or ""})),
