@@ -423,13 +423,6 @@ class Matcher:
         accepted = self._acceptable(hits)
         return self._identification(hits, accepted[0] if accepted else None)
 
-    def identify_turn(
-        self, stream_id: str, label: str, segment_id: str, embedding: np.ndarray, window_count: int
-    ) -> Identification:
-        """The identity of `label` after adding this segment (no re-labelling output)."""
-        emissions = self.observe(stream_id, segment_id, label, embedding, window_count)
-        return emissions[0].identification
-
     def identities(self, stream_id: str) -> dict[str, Identification]:
         """The current identity of every label of a stream."""
         with self._lock:

@@ -51,10 +51,6 @@ class BatcherStats:
     largest_batch: int = 0
     busy_s: float = 0.0
 
-    @property
-    def mean_batch_size(self) -> float:
-        return self.windows / self.batches if self.batches else 0.0
-
 
 class EmbeddingBatcher:
     """Groups single-window embedding requests from many threads into batched `embedder.embed` calls.

@@ -166,15 +166,6 @@ def start_embedded_broker(
 
 
 @contextlib.contextmanager
-def embedded_broker(**kwargs: object) -> Iterator[EmbeddedBroker]:
-    broker = start_embedded_broker(**kwargs)  # type: ignore[arg-type]
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
-@contextlib.contextmanager
 def broker_for_run(settings: Settings, log_dir: Path) -> Iterator[Settings]:
     """Settings with topics and groups of their own, on a fresh embedded broker (logging to `log_dir`)
     when the profile is `embedded`, else on the configured cluster."""
