@@ -119,6 +119,7 @@ class LatencyProbe(threading.Thread):
         self.settings = settings
         self.prefix = prefix
         self.stopping = threading.Event()
+        self.assigned = threading.Event()  # joined its group: records from now on arrive when produced
         self.timeline: list[tuple[float, float]] = []  # first labels
         self.final_timeline: list[tuple[float, float]] = []
         self.started = time.monotonic()
@@ -128,6 +129,7 @@ class LatencyProbe(threading.Thread):
             self.settings,
             f"loadtest-probe-{uuid.uuid4().hex[:8]}",
             [self.settings.topic(SEGMENTS_IDENTIFIED)],
+            on_assign=lambda _consumer, _partitions: self.assigned.set(),
         )
         news = SegmentNews()
         try:
@@ -202,11 +204,14 @@ def run_loadtest(
     try:
         probe = LatencyProbe(settings, f"load-{run_id}-")
         probe.start()
+        # A probe still joining its group would get the first seconds' records late, all at once.
+        if not probe.assigned.wait(60):
+            raise RuntimeError("the latency probe got no partitions in 60 s")
         player = Player(settings, audios, run_id)
         lag_reader = TopicReader(settings, settings.group("diarize"))
         samples = []
         cpu0, _ = _proc_samples(processes)
-        t0 = time.monotonic()
+        t0 = probe.started = time.monotonic()  # one time axis for latencies and CPU
         player.start()
         while player.is_alive() or time.monotonic() - t0 < minutes * 60 + 5:
             time.sleep(1.0)
