@@ -342,33 +342,86 @@ def evaluate_item(
     return FileResult(item, reference, hypotheses, run)
 
 
+def overlap_regions(annotation_: Annotation) -> Timeline:
+    """Where two or more distinct labels are active at once (two turns of one label do not count)."""
+    events: list[tuple[float, int]] = []
+    for label in annotation_.labels():
+        for seg in annotation_.label_timeline(label).support():
+            events += [(seg.start, 1), (seg.end, -1)]
+    regions = Timeline(uri=annotation_.uri)
+    active, opened = 0, 0.0
+    for t, step in sorted(events):  # at a tie an end (-1) sorts before a start: touching is no overlap
+        if step > 0 and active == 1:
+            opened = t
+        elif step < 0 and active == 2 and t > opened:
+            regions.add(Segment(opened, t))
+        active += step
+    return regions.support()
+
+
 def plot_timeline(
     result: FileResult, path: Path, labellings: tuple[str, ...] = ("revision", "live@2s")
 ) -> None:
-    """Reference speakers above, hypotheses below, one row per speaker (PNG)."""
+    """Reference speakers above, hypotheses below, one lane per speaker (PNG). Grey bands across the
+    whole picture: reference overlap (two or more speakers at once); hatching on a hypothesis' lanes:
+    that hypothesis gives two labels at once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    rows: list[tuple[str, str, Annotation]] = [
-        ("ref", lbl, result.reference) for lbl in result.reference.labels()
+    groups = [("ref", result.reference)] + [
+        (name, result.hypotheses[name]) for name in labellings if name in result.hypotheses
     ]
-    for name in labellings:
-        hyp = result.hypotheses.get(name)
-        if hyp is not None:
-            rows += [(name, lbl, hyp) for lbl in hyp.labels()]
-    fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.2))
-    colours = plt.get_cmap("tab10")
-    for y, (group, label, ann) in enumerate(rows):
-        spans = [(s.start, s.duration) for s in ann.label_timeline(label)]
-        colour = colours(0) if group == "ref" else colours(1 + labellings.index(group))
-        ax.broken_barh(spans, (len(rows) - y - 0.8, 0.6), facecolors=colour)
-    ax.set_yticks([len(rows) - y - 0.5 for y in range(len(rows))])
-    ax.set_yticklabels([f"{group}: {label}" for group, label, _ in rows], fontsize=7)
+    rows = [(name, lbl, ann) for name, ann in groups for lbl in ann.labels()]
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(12, 0.32 * n + 1.9))
+    colours = {name: plt.get_cmap("tab10")(i) for i, (name, _) in enumerate(groups)}
+    ref_overlap = overlap_regions(result.reference)
+    for seg in ref_overlap:
+        ax.axvspan(seg.start, seg.end, color="0.82", zorder=0, lw=0)
+    y = n
+    legend = [Patch(facecolor="0.82", label="overlap in reference (2+ speakers at once)")]
+    overlap_s = [f"reference {ref_overlap.duration():.1f} s"]
+    for name, ann in groups:
+        lanes = len(ann.labels())
+        if name != "ref":
+            regions = overlap_regions(ann)
+            overlap_s.append(f"{name} {regions.duration():.1f} s")
+            spans = [(seg.start, seg.duration) for seg in regions]
+            ax.broken_barh(
+                spans,
+                (y - lanes, lanes),
+                facecolors="none",
+                edgecolors=colours[name],
+                hatch="////",
+                lw=0,
+                zorder=1,
+            )
+        for label in ann.labels():
+            spans = [(s.start, s.duration) for s in ann.label_timeline(label)]
+            ax.broken_barh(spans, (y - 0.8, 0.6), facecolors=colours[name], zorder=2)
+            y -= 1
+        ax.axhline(y, color="0.3", lw=0.6, zorder=3)
+    legend.append(Patch(facecolor="white", edgecolor="0.3", hatch="////", label="ours: two labels at once"))
+    legend += [
+        Patch(facecolor=colours[name], label="reference" if name == "ref" else name) for name, _ in groups
+    ]
+    ax.set_yticks([n - i - 0.5 for i in range(n)])
+    ax.set_yticklabels([f"{name}: {label}" for name, label, _ in rows], fontsize=7)
+    ax.set_ylim(0, n)
     ax.set_xlabel("seconds")
-    ax.set_title(f"{result.item.file_id}: reference (top) and hypotheses (below)")
     ax.set_xlim(0, result.run.duration_s)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_title(f"{result.item.file_id} - overlapped speech: {', '.join(overlap_s)}", fontsize=9, pad=22)
+    ax.legend(
+        handles=legend,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=len(legend),
+        fontsize=7,
+        frameon=False,
+        handlelength=2.2,
+    )
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

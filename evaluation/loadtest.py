@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -58,6 +59,8 @@ class LoadResult:
         default_factory=list, repr=False
     )  # t, cpu, rss, lag
     workers: int = 1  # worker processes in the consumer group
+    diarizer: str = ""  # the workers' diarizer mode (light | segmentation), from their "worker ready" line
+    model_id: str = ""  # the workers' embedding model, from the same line
 
     def holds(self, p95_limit_s: float = 2.0) -> bool:
         return self.segments > 0 and self.latency_p95_s <= p95_limit_s
@@ -116,6 +119,7 @@ class LatencyProbe(threading.Thread):
         self.settings = settings
         self.prefix = prefix
         self.stopping = threading.Event()
+        self.assigned = threading.Event()  # joined its group: records from now on arrive when produced
         self.timeline: list[tuple[float, float]] = []  # first labels
         self.final_timeline: list[tuple[float, float]] = []
         self.started = time.monotonic()
@@ -125,6 +129,7 @@ class LatencyProbe(threading.Thread):
             self.settings,
             f"loadtest-probe-{uuid.uuid4().hex[:8]}",
             [self.settings.topic(SEGMENTS_IDENTIFIED)],
+            on_assign=lambda _consumer, _partitions: self.assigned.set(),
         )
         news = SegmentNews()
         try:
@@ -199,11 +204,14 @@ def run_loadtest(
     try:
         probe = LatencyProbe(settings, f"load-{run_id}-")
         probe.start()
+        # A probe still joining its group would get the first seconds' records late, all at once.
+        if not probe.assigned.wait(60):
+            raise RuntimeError("the latency probe got no partitions in 60 s")
         player = Player(settings, audios, run_id)
         lag_reader = TopicReader(settings, settings.group("diarize"))
         samples = []
         cpu0, _ = _proc_samples(processes)
-        t0 = time.monotonic()
+        t0 = probe.started = time.monotonic()  # one time axis for latencies and CPU
         player.start()
         while player.is_alive() or time.monotonic() - t0 < minutes * 60 + 5:
             time.sleep(1.0)
@@ -224,7 +232,32 @@ def run_loadtest(
             w.wait(timeout=30)
     result = _summarise(streams, minutes, probe, samples, cpu0, _dead_letters(settings))
     result.workers = workers
+    result.diarizer, result.model_id = worker_modes(log_dir, f"{streams}", settings)
     return result
+
+
+def worker_modes(log_dir: Path, tag: str, settings: Settings) -> tuple[str, str]:
+    """(diarizer mode, embedding model id) as the worker processes of one run announced them at start,
+    refusing a run whose workers disagree with each other or with `settings`."""
+    modes = set()
+    for log_path in sorted(log_dir.glob(f"worker-{tag}-*.log")):
+        ready = re.search(r"worker ready: .*", log_path.read_text())
+        fields = dict(re.findall(r"(\w+)=(\S+)", ready.group(0))) if ready else {}
+        modes.add((fields.get("diarizer", "?"), fields.get("model", "?")))
+    if len(modes) != 1 or next(iter(modes))[0] != settings.diarizer:
+        raise RuntimeError(f"workers in {log_dir} run {sorted(modes)}, not diarizer {settings.diarizer}")
+    return next(iter(modes))
+
+
+def measured(settings: Settings, results: list[LoadResult] | None = None) -> str:
+    """What a run measures: the settings the worker processes get (`Settings.child_env`) and, once they
+    ran, the diarizer mode and model id they announced."""
+    ran = sorted({(r.diarizer, r.model_id) for r in results or []})
+    what = "; ".join(f"diarizer {d}, model {m}" for d, m in ran) or (
+        f"diarizer {settings.diarizer}, embedder {settings.embedder}"
+    )
+    threads = settings.torch_threads
+    return f"{what}, SPEAKERFLOW_LATENCY_S {settings.latency_s:g}, torch threads {threads}/worker"
 
 
 def _summarise(streams, minutes, probe: LatencyProbe, samples, cpu0, dead) -> LoadResult:
@@ -292,7 +325,7 @@ def _start_workers(settings: Settings, log_dir: Path, tag: str, count: int) -> l
     return [p for p, _ in started]
 
 
-def plot(results: list[LoadResult], path: Path) -> None:
+def plot(results: list[LoadResult], path: Path, subtitle: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,7 +351,8 @@ def plot(results: list[LoadResult], path: Path) -> None:
     ax_cpu.set_ylabel("worker CPU (%; 200 = 2 cores)")
     ax_cpu.set_xlabel("time since start (s)")
     ax_cpu.legend(loc="upper left", fontsize=8)
-    fig.suptitle("speakerflow loadtest: audio captured -> identified segment, live streams at real-time pace")
+    title = "speakerflow loadtest: audio captured -> identified segment, live streams at real-time pace"
+    fig.suptitle(f"{title}\n{subtitle}" if subtitle else title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -345,13 +379,14 @@ def run_sweep(
 ) -> list[LoadResult]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    print(f"loadtest measures: {measured(settings)}", flush=True)
     with broker_for_run(settings, out_dir) as settings:
         for n in counts:
             print(f"loadtest: {n} streams x {minutes:g} min, {workers} worker process(es) ...", flush=True)
             result = run_loadtest(settings, n, minutes, out_dir, workers)
             results.append(result)
             print(format_table([result]).splitlines()[-1], flush=True)
-    plot(results, out_dir / "loadtest.png")
+    plot(results, out_dir / "loadtest.png", measured(settings, results))
     series = ("timeline", "final_timeline", "samples")
     summary = [{k: v for k, v in asdict(r).items() if k not in series} for r in results]
     (out_dir / "loadtest.json").write_text(json.dumps(summary, indent=2))

@@ -109,7 +109,8 @@ class Worker:
             if not thread.assigned.wait(max(deadline - time.monotonic(), 0.1)):
                 raise TimeoutError(f"stage {thread.processor.role} got no partitions in time")
         model = f" model={self.embedder.model_id} gallery={len(self.gallery)}" if self.gallery_table else ""
-        log.info("worker ready: roles=%s%s", ",".join(self.roles), model)
+        mode = f" diarizer={self.settings.diarizer}" if "diarize" in self.roles else ""
+        log.info("worker ready: roles=%s%s%s", ",".join(self.roles), model, mode)
 
     def run_forever(self) -> None:
         try:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from pyannote.core import Segment, Timeline
 
-from speakerflow.evaluation.diarization import Emission, Scorer, annotation, final_live, live_at_latency
+from speakerflow.evaluation.diarization import (
+    Emission,
+    Scorer,
+    annotation,
+    final_live,
+    live_at_latency,
+    overlap_regions,
+)
 
 
 def test_der_of_a_known_case() -> None:
@@ -54,3 +61,32 @@ def test_live_labelling_at_a_latency() -> None:
     assert live_at_latency(emissions, 100.0, 0.5, 3.0).get_timeline().extent().end == pytest.approx(
         1.2, abs=0.011
     )
+
+
+def spans(timeline: Timeline) -> list[tuple[float, float]]:
+    return [(round(s.start, 6), round(s.end, 6)) for s in timeline]
+
+
+def test_overlap_regions_are_where_two_labels_talk_at_once() -> None:
+    ref = annotation([(0, 10, "A"), (8, 14, "B"), (12, 20, "C"), (13, 15, "A"), (22, 25, "A")])
+    # 8-10 A+B; 12-14 B+C and 13-14 A+B+C (three voices: still one region); 14-15 A+C.
+    assert spans(overlap_regions(ref)) == [(8, 10), (12, 15)]
+    # Two turns of one label overlapping, or touching turns of two labels, are not overlap.
+    assert spans(overlap_regions(annotation([(0, 5, "A"), (3, 8, "A"), (8, 9, "B")]))) == []
+    assert spans(overlap_regions(annotation([]))) == []
+    # A hypothesis giving two labels over the same frames (the segmentation mode).
+    hyp = annotation([(0, 4, "S0"), (3.5, 6, "S1"), (5, 7, "S0")])
+    assert spans(overlap_regions(hyp)) == [(3.5, 4), (5, 6)]
+    assert overlap_regions(ref).duration() == pytest.approx(5.0)
+
+
+def test_timeline_plot_with_overlap(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from speakerflow.evaluation.diarization import FileResult, plot_timeline
+
+    ref = annotation([(0, 10, "A"), (8, 14, "B")], "f")
+    hyps = {"revision": annotation([(0, 9, "S0"), (8.5, 14, "S1")], "f"), "live@2s": annotation([], "f")}
+    result = FileResult(SimpleNamespace(file_id="f"), ref, hyps, SimpleNamespace(duration_s=15.0))
+    plot_timeline(result, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0

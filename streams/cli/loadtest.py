@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from speakerflow.evaluation.loadtest import format_table, run_sweep
+    from speakerflow.evaluation.loadtest import format_table, measured, run_sweep
     from speakerflow.streams.settings import Settings
 
     settings = Settings.from_env()
@@ -16,7 +16,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         settings = replace(settings, broker_profile="embedded")
     counts = [int(n) for n in str(args.streams).split(",")]
     results = run_sweep(settings, counts, args.minutes, Path(args.out), args.workers)
-    print("\n" + format_table(results))
+    print(f"\nmeasured: {measured(settings, results)}\n" + format_table(results))
     holding = [r.streams for r in results if r.holds(args.p95)]
     print(f"\nlargest stream count holding p95 <= {args.p95:g} s: {max(holding) if holding else 'none'}")
     print(f"plot: {Path(args.out) / 'loadtest.png'}; json: {Path(args.out) / 'loadtest.json'}")
