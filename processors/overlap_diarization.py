@@ -17,9 +17,13 @@ Frames: the model's frame grid (about 17 ms). A frame's labels are committed onc
 a committed frame never changes. Overlapped speech carries two labels: each global speaker has its own
 turns, so two turns of different labels can cover the same time (the stage's `TurnUpdate` already
 allows that; nothing was added to it). A turn is re-emitted (`is_final=False`) while it grows and is
-final once its speaker has been silent for more than `max_gap_s`. A turn's embedding is the normalised
-mean of the local-speaker embeddings mapped to its speaker while it was open (or just before it
-opened); `window_count` counts them (0: none, e.g. a speaker only heard in overlap).
+final once its speaker has been silent for more than `max_gap_s`. Provisional turns also reach past the
+committed frames into the audio the clustered windows already cover (open turns extended, new voices as
+tentative turns), so a new voice is labelled about a hop after it starts; committed frames decide, and
+a tentative turn that no committed turn replaces by the end is closed as an empty final segment.
+A turn's embedding is the normalised mean of the local-speaker embeddings mapped to its speaker while
+it was open (or just before it opened); `window_count` counts them (0: none, e.g. a speaker only
+heard in overlap).
 
 End of stream: `finish()` commits everything, and `revise()` re-clusters every window's local speakers
 offline and rebuilds the whole labelling (revision 1), with labels aligned to the live ones.
@@ -35,7 +39,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -413,13 +417,50 @@ class SegmentationDiarizer:
         )
 
     def _provisional(self) -> list[TurnUpdate]:
-        out = []
+        """Open turns as known now, reaching into the frames the clustered windows already hear but
+        that are not committed yet: an open turn is extended over its speaker's run right after it,
+        and a speaker who starts there is shown as a tentative new turn under the index the next
+        committed turn will take. So a new voice is labelled about one hop after its audio rather than
+        `latency_s` after it. Tentative labels may still change; the committed turn replaces them under
+        the same turn index (consumers keep the latest record of a segment)."""
+        ahead = self._tentative_runs()
+        gap = self.config.max_gap_s / self.frame_s
+        shown: list[_Turn] = []
         for turn in sorted(self._turns.values(), key=lambda t: t.index):
+            run = ahead.pop(turn.label, None)
+            extends = run is not None and run[0] - turn.end <= gap
+            shown.append(replace(turn, end=max(turn.end, run[1])) if extends else turn)
+        index = self._turn_count
+        for label, (start, end) in sorted(ahead.items(), key=lambda item: item[1][0]):
+            total, count = self._carry.get(label, (np.zeros(max(self._dim, 1)), 0))
+            shown.append(_Turn(index, label, start, end, total, count))
+            index += 1
+        out = []
+        for turn in shown:
             key = (turn.label, turn.start, turn.end, turn.count)
             if self._shown.get(turn.index) != key:
                 self._shown[turn.index] = key
                 out.append(self._update(turn, False))
         return out
+
+    def _tentative_runs(self) -> dict[int, tuple[int, int]]:
+        """Per global speaker, its first run of frames [start, end) among the frames not committed yet
+        that the windows clustered so far cover, by their labels as of now."""
+        if not self._starts:
+            return {}
+        cfg = self.config
+        frontier = min(self._starts[-1] + cfg.window_samples, self._total) // cfg.frame_step
+        if frontier <= self._committed:
+            return {}
+        labels = self._labels(self._committed, frontier)
+        runs = {}
+        for label in np.flatnonzero(labels.any(axis=0)):
+            column = labels[:, label]
+            first = int(np.argmax(column))
+            after = np.flatnonzero(~column[first:])
+            length = int(after[0]) if len(after) else len(column) - first
+            runs[int(label)] = (self._committed + first, self._committed + first + length)
+        return runs
 
     def finish(self) -> list[TurnUpdate]:
         """End of stream (after `end_audio` and every embedding): commit the rest, close every turn."""
@@ -430,8 +471,20 @@ class SegmentationDiarizer:
         out += self._commit(math.ceil(self._total / self.config.frame_step))
         for turn in sorted(self._turns.values(), key=lambda t: t.index):
             out.append(self._update(turn, True))
+        out += self._withdraw_tentative()
         self._turns.clear()
         self._shown.clear()
+        return out
+
+    def _withdraw_tentative(self) -> list[TurnUpdate]:
+        """Tentative new turns whose index no committed turn took by the end: each is closed as an empty
+        final segment, so that no provisional segment is left open for its consumers."""
+        out = []
+        for index, (label, start, _, _) in sorted(self._shown.items()):
+            if index >= self._turn_count:
+                at = min(start * self.frame_s, self.audio_s)
+                empty = np.zeros(max(self._dim, 1), np.float32)
+                out.append(TurnUpdate(index, label_name(label), at, at, empty, 0, True, 0))
         return out
 
     def close_idle_turn(self) -> list[TurnUpdate]:

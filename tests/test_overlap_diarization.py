@@ -8,7 +8,7 @@ import torch
 
 from speakerflow.processors.audio import decode_file
 from speakerflow.processors.overlap_clustering import IncrementalClustering, offline_assign
-from speakerflow.processors.overlap_diarization import OverlapConfig, SegmentationDiarizer
+from speakerflow.processors.overlap_diarization import OverlapConfig, SegmentationDiarizer, overlap_config
 from speakerflow.processors.segmentation import Segmenter, powerset_to_multilabel
 
 RATE = 16000
@@ -134,5 +134,39 @@ def test_no_frame_waits_longer_than_the_latency(mix, segmenter, ge2e) -> None:
     for audio, committed, updates in log:
         # every frame that ended `latency` samples ago or earlier is committed ...
         assert committed >= min(audio - latency - frame, audio) or committed == len(mix)
-        # ... and nothing is labelled beyond what is committed
-        assert all(round(u.end_s * RATE) <= committed + 1 for u in updates)
+        # ... final turns never reach beyond it; provisional ones may, up to the audio heard so far
+        assert all(round(u.end_s * RATE) <= committed + 1 for u in updates if u.is_final)
+        assert all(round(u.end_s * RATE) <= audio for u in updates)
+
+
+def test_a_new_voice_is_labelled_provisionally_before_its_frames_are_committed(mix, segmenter, ge2e) -> None:
+    """B starts at 6 s: a provisional turn with B's label covers B's audio before any of B's frames is
+    committed (that takes about `latency_s`), under the turn index B's first final turn keeps."""
+    config = OverlapConfig(latency_s=2.0)
+    log = []
+    updates = feed(SegmentationDiarizer(config), mix, segmenter, ge2e.embed, log=log)
+    b_label = next(u.label for u in updates if u.is_final and u.start_s < 12.0 < u.end_s)  # B alone
+    b_first = min((u for u in updates if u.is_final and u.label == b_label), key=lambda u: u.start_s)
+    first_seen = next(
+        audio for audio, _, out in log if any(u.label == b_label and u.end_s > b_first.start_s for u in out)
+    )
+    first_committed = next(audio for audio, committed, _ in log if committed > b_first.start_s * RATE)
+    assert first_seen < first_committed
+    seen = next(u for _, _, out in log for u in out if u.label == b_label)
+    assert seen.turn_index == b_first.turn_index and not seen.is_final
+
+
+def test_every_turn_ends_final_even_after_a_tentative_turn_no_commit_took(
+    mix, segmenter, campplus, shared_data
+) -> None:
+    """A consumer's last version of every segment is final. On this AMI excerpt a tentative new turn
+    (index 4) is shown that no committed turn takes, so it is withdrawn as an empty final segment."""
+    ami = decode_file(shared_data / "ami/ami_trn06.flac")
+    for audio in (mix, ami):
+        config = overlap_config(embedder="campplus")
+        updates = feed(SegmentationDiarizer(config), audio, segmenter, campplus.embed, step=RATE // 2)
+        last = {u.turn_index: u for u in updates}
+        assert all(u.is_final for u in last.values())
+        withdrawn = [u for u in last.values() if u.end_s == u.start_s]
+        assert all(u.window_count == 0 for u in withdrawn)
+    assert withdrawn  # the AMI excerpt's tentative turn 4
