@@ -119,3 +119,14 @@ def test_a_fast_path_that_drifts_is_refused(campplus: CampplusEmbedder) -> None:
         broken.dense.bias += 1.0
     with pytest.raises(RuntimeError, match="fast path differs"):
         campplus_module._check_same(campplus.model, broken)
+
+
+def test_jobs_cover_every_row_once_and_share_frames_between_workers() -> None:
+    two = CampplusEmbedder("cpu", cpu_workers=2)
+    frames = [148] * 12 + [1040]  # an enrollment: 12 check windows and the whole speech
+    jobs = two._jobs(frames)
+    assert sorted(i for job in jobs for i in job) == list(range(13))
+    assert all(len({frames[i] for i in job}) == 1 for job in jobs)  # equal frame counts per job
+    assert [12] in jobs and max(len(job) for job in jobs) == 10  # not 6 + 6 windows beside the long row
+    live = two._jobs([148] * 40)  # one length: ceil(rows / workers), at most the micro-batch
+    assert [len(job) for job in live] == [16, 16, 8]

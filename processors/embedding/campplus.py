@@ -158,15 +158,26 @@ class CampplusEmbedder:
         with _autocast(self.device, self.precision):
             return self.network(feats).float()
 
+    def _jobs(self, frames: list[int]) -> list[list[int]]:
+        """Rows of equal frame counts in jobs of at most `micro_batch` rows, costliest job first.
+
+        On CPU the jobs run side by side on the workers, so they are cut by cost (frames) rather than
+        by rows: a job holds about a worker's share of all frames at most. An enrollment's whole-speech
+        row (~1,000 frames) and its short check windows (148 frames each) then keep both workers busy
+        until the end, instead of one worker taking the long row plus half of the windows.
+        """
+        share = -(-sum(frames) // self.cpu.workers)
+        jobs: list[list[int]] = []
+        for group in _length_buckets(frames, max_padding=0.0):
+            # ceil(share / frames): for rows of one length, ceil(rows / workers) as before.
+            jobs += _chunks(group, max(1, min(self.micro_batch, -(-share // frames[group[0]]))))
+        return sorted(jobs, key=lambda rows: -len(rows) * frames[rows[0]])
+
     def embed(self, waveforms: Sequence[np.ndarray]) -> np.ndarray:
         if not waveforms:
             return np.zeros((0, self.dim), np.float32)
         wavs = [np.asarray(w, np.float32) for w in waveforms]
-        jobs = [
-            rows
-            for group in _length_buckets([frame_count(len(w)) for w in wavs], max_padding=0.0)
-            for rows in _chunks(group, self.cpu.chunk_size(len(group), self.micro_batch))
-        ]
+        jobs = self._jobs([frame_count(len(w)) for w in wavs])
         results = self.cpu.map(lambda rows: self._embed_rows([wavs[i] for i in rows]), jobs)
         out = np.zeros((len(wavs), self.dim), np.float32)
         out[[i for rows in jobs for i in rows]] = torch.cat(results).cpu().numpy()  # one device sync
