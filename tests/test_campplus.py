@@ -88,3 +88,45 @@ def test_a_gallery_of_another_model_is_reported_not_compared(campplus, ge2e, voi
     assert gallery.upsert(new) and len(gallery) == 1 and gallery.skipped_other_model == 2
     warnings = [r.getMessage() for r in caplog.records if ge2e.model_id in r.getMessage()]
     assert len(warnings) == 1 and "never compared" in warnings[0]
+
+
+def test_fast_path_equals_the_networks_own_forward(campplus: CampplusEmbedder, voices) -> None:
+    # Lengths around the edges of the fast path: a 1.5-s window (148 frames), several 100-frame CAM
+    # segments with a partial last one, and an input shorter than the minimum (repeated).
+    import torch
+
+    assert campplus.network is not campplus.model
+    speech = [w for ws in voices.values() for w in ws]
+    wavs = [speech[0][:24000], speech[1], speech[2][:37777], speech[3][:3000]]
+    for wav in wavs:
+        feats = campplus.features(wav)[None]
+        with torch.inference_mode():
+            expected, got = campplus.model(feats), campplus.network(feats)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4 * float(expected.abs().max()))
+    stock = CampplusEmbedder("cpu", fast=False)
+    assert stock.network is stock.model
+    cosines = np.sum(campplus.embed(wavs) * stock.embed(wavs), axis=1)
+    assert cosines.min() > 0.99999, cosines
+
+
+def test_a_fast_path_that_drifts_is_refused(campplus: CampplusEmbedder) -> None:
+    import copy
+
+    import torch
+
+    broken = copy.deepcopy(campplus.network)
+    with torch.no_grad():
+        broken.dense.bias += 1.0
+    with pytest.raises(RuntimeError, match="fast path differs"):
+        campplus_module._check_same(campplus.model, broken)
+
+
+def test_jobs_cover_every_row_once_and_share_frames_between_workers() -> None:
+    two = CampplusEmbedder("cpu", cpu_workers=2)
+    frames = [148] * 12 + [1040]  # an enrollment: 12 check windows and the whole speech
+    jobs = two._jobs(frames)
+    assert sorted(i for job in jobs for i in job) == list(range(13))
+    assert all(len({frames[i] for i in job}) == 1 for job in jobs)  # equal frame counts per job
+    assert [12] in jobs and max(len(job) for job in jobs) == 10  # not 6 + 6 windows beside the long row
+    live = two._jobs([148] * 40)  # one length: ceil(rows / workers), at most the micro-batch
+    assert [len(job) for job in live] == [16, 16, 8]

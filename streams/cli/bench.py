@@ -19,7 +19,15 @@ from speakerflow.streams.cli.common import diarizer_arguments, group
 from speakerflow.streams.cli.common import embedder as configured_embedder
 
 # Kept here so that `--help` needs no evaluation import; evaluation/embed_bench.py describes each one.
-BACKEND_NAMES = ("campplus", "ge2e", "ecapa", "ecapa-int8", "ecapa-sb-batched", "ecapa-stock")
+BACKEND_NAMES = (
+    "campplus",
+    "campplus-stock",
+    "ge2e",
+    "ecapa",
+    "ecapa-int8",
+    "ecapa-sb-batched",
+    "ecapa-stock",
+)
 DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64,128,256"
 _WIDTHS = (5, 10, 12, 8, 9, 9)  # table columns after the backend name
 
