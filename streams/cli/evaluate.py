@@ -470,7 +470,7 @@ def _percent(value: float) -> str:
     return f"{100 * value:5.1f}"
 
 
-def print_totals(totals: dict[str, dict], out=sys.stdout) -> None:
+def print_totals(totals: dict[str, dict], out=None) -> None:
     print(
         f"{'labelling':<18} {'DER':>6} {'miss':>5} {'FA':>5} {'conf':>5} | {'DER c0':>6} | "
         f"{'JER':>6} | {'count ok':>8}  (collar 0.25 s unless c0; %)",
