@@ -31,6 +31,7 @@ from speakerflow.evaluation.corpus import load_manifest
 from speakerflow.processors.audio import decode_file
 from speakerflow.processors.diarization import DiarizerConfig, StreamDiarizer, TurnUpdate, Window
 from speakerflow.processors.overlap_diarization import SegmentationDiarizer
+from speakerflow.processors.vad import VadConfig
 
 COLLARS = (0.0, 0.25)
 FRAME_S = 0.01
@@ -320,9 +321,12 @@ def evaluate_item(
     chunk_s: float = 0.5,
     baselines: bool = False,
     runner: Callable[[np.ndarray], StreamRun] | None = None,
+    peers: dict[str, Callable[[np.ndarray], list[tuple[float, float, str]]]] | None = None,
+    baseline_vad: VadConfig | None = None,
 ) -> FileResult:
-    """Stream one file through the diarizer (`runner`: another diarizer mode) and the baselines, and
-    score every labelling."""
+    """Stream one file through the diarizer (`runner`: another diarizer mode), the baselines and the
+    `peers` (whole-file systems, evaluation/peers.py), and score every labelling. The baselines cut
+    speech with `baseline_vad` (default: the light diarizer's, `config.vad`)."""
     audio = decode_file(item.audio)
     reference = load_rttm(item.rttm).get(item.file_id, Annotation(uri=item.file_id))
     uem = load_uem(item.uem) if item.uem else None
@@ -334,9 +338,11 @@ def evaluate_item(
             run.emissions, latency, chunk_s, run.duration_s, item.file_id
         )
     if baselines:
-        windows = baseline_windows(audio, embed, config.vad)
+        windows = baseline_windows(audio, embed, baseline_vad or config.vad)
         hypotheses["baseline_ahc"] = annotation(reference_design(windows), item.file_id)
         hypotheses["baseline_spectral"] = annotation(speechbrain_spectral(windows), item.file_id)
+    for name, peer in (peers or {}).items():
+        hypotheses[name] = annotation(peer(audio), item.file_id)
     for name, hypothesis in hypotheses.items():
         scorer.add(item.file_id, name, reference, hypothesis, uem)
     return FileResult(item, reference, hypotheses, run)

