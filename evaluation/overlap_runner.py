@@ -82,11 +82,13 @@ def diarizer_runner(
 def configured_runner(
     mode: str, embedder: Embedder, overrides: Sequence[str] = (), chunk_s: float = 0.5
 ) -> tuple[Callable[[np.ndarray], StreamRun] | None, DiarizerConfig | OverlapConfig]:
-    """`diarizer_runner` as the stage would run it: `mode` or SPEAKERFLOW_DIARIZER, and the light
-    diarizer's settings for this embedder's family."""
+    """`diarizer_runner` as the stage would run it: `mode` or SPEAKERFLOW_DIARIZER, the light
+    diarizer's settings for this embedder's family and SPEAKERFLOW_SEGMENTATION_HOP_S (an explicit
+    `hop_s=` override wins)."""
     from speakerflow.streams.settings import Settings
     from speakerflow.streams.stages.diarize import diarizer_config
 
     settings = Settings.from_env()
     light = diarizer_config(settings, embedder.name)
+    overrides = [f"hop_s={settings.segmentation_hop_s}", *overrides]
     return diarizer_runner(mode or settings.diarizer, embedder, light, overrides, chunk_s)

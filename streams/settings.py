@@ -117,6 +117,11 @@ class Settings:
     idle_timeout_s: float = _env(
         "SPEAKERFLOW_IDLE_TIMEOUT_S", 30.0, "A stream with no chunk for this long is ended."
     )
+    segmentation_hop_s: float = _env(
+        "SPEAKERFLOW_SEGMENTATION_HOP_S",
+        0.5,
+        "Segmentation mode: step between its 5-s windows; 1.0 halves its cost per stream (README, Capacity).",
+    )
     latency_s: float = _env(
         "SPEAKERFLOW_LATENCY_S",
         2.0,

@@ -170,3 +170,14 @@ def test_every_turn_ends_final_even_after_a_tentative_turn_no_commit_took(
         withdrawn = [u for u in last.values() if u.end_s == u.start_s]
         assert all(u.window_count == 0 for u in withdrawn)
     assert withdrawn  # the AMI excerpt's tentative turn 4
+
+
+def test_the_window_step_comes_from_the_settings_and_keeps_the_tuned_values() -> None:
+    from speakerflow.streams.settings import Settings
+    from speakerflow.streams.stages.diarize import segmentation_config
+
+    default = segmentation_config(Settings.from_env({}), "campplus")
+    packed = segmentation_config(Settings.from_env({"SPEAKERFLOW_SEGMENTATION_HOP_S": "1"}), "campplus")
+    assert (default.hop_s, packed.hop_s) == (0.5, 1.0)
+    assert packed.delta_new == default.delta_new == overlap_config(embedder="campplus").delta_new
+    assert segmentation_config(Settings.from_env({}), "campplus", {"hop_s": "0.25"}).hop_s == 0.25

@@ -37,6 +37,7 @@ from speakerflow.processors.embedding import Embedder
 from speakerflow.processors.overlap_diarization import (
     Chunk,
     LocalSpeaker,
+    OverlapConfig,
     SegmentationDiarizer,
     overlap_config,
 )
@@ -81,6 +82,15 @@ def diarizer_config(settings: Settings, family: str = "") -> DiarizerConfig:
     )
 
 
+def segmentation_config(
+    settings: Settings, family: str = "", overrides: dict[str, str] | None = None
+) -> OverlapConfig:
+    """The segmentation mode's diarizer: its tuned values for the embedder family, the configured
+    latency and window step, then `overrides` (field -> value, e.g. from `eval diarize --set`)."""
+    values = {"hop_s": str(settings.segmentation_hop_s), **(overrides or {})}
+    return overlap_config(settings.latency_s, values, family or settings.embedder)
+
+
 def segment_id(stream_id: str, update: TurnUpdate) -> str:
     if update.revision == 0:
         return f"{stream_id}:{update.turn_index:05d}"
@@ -101,7 +111,7 @@ class DiarizeProcessor(Processor):
         if settings.diarizer == "segmentation":
             from speakerflow.processors.segmentation import Segmenter
 
-            self.overlap_config = overlap_config(latency_s=settings.latency_s, embedder=embedder.name)
+            self.overlap_config = segmentation_config(settings, embedder.name)
             self.segmenter = Segmenter(device=settings.device)
             self.overlap_config.check_grid(self.segmenter.grid)
         elif settings.diarizer != "light":
