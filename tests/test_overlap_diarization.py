@@ -5,16 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mixes import A_END, B_AT, END, RATE, two_voice_mix
 
 from speakerflow.processors.audio import decode_file
 from speakerflow.processors.overlap_clustering import IncrementalClustering, offline_assign
 from speakerflow.processors.overlap_diarization import OverlapConfig, SegmentationDiarizer, overlap_config
 from speakerflow.processors.segmentation import Segmenter, powerset_to_multilabel
-
-RATE = 16000
-A_FILE = "librispeech/test-other/1688/1688-142285-0000.flac"
-B_FILE = "librispeech/test-other/2609/2609-156975-0002.flac"
-B_AT, A_END, END = 6.0, 10.0, 16.0  # A talks [0, 10), B talks [6, 16): both in [6, 10)
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +21,7 @@ def segmenter() -> Segmenter:
 
 @pytest.fixture(scope="module")
 def mix(shared_data) -> np.ndarray:
-    a = decode_file(shared_data / A_FILE)[: int(A_END * RATE)]
-    b = decode_file(shared_data / B_FILE)[: int((END - B_AT) * RATE)]
-    out = np.zeros(int(END * RATE), np.float32)
-    out[: len(a)] += a / np.abs(a).max() * 0.5
-    out[int(B_AT * RATE) : int(B_AT * RATE) + len(b)] += b / np.abs(b).max() * 0.5
-    return out
+    return two_voice_mix(shared_data)
 
 
 def feed(diarizer, audio, segmenter, embed, start=0, stop=None, step=8000, log=None):
