@@ -16,7 +16,6 @@ from speakerflow.processors.overlap_diarization import (
     Chunk,
     OverlapConfig,
     SegmentationDiarizer,
-    overlap_config,
 )
 
 STEPS = ("segment", "embed", "cluster", "revise")
@@ -57,38 +56,29 @@ def run_overlap_stream(
     return finish_run(diarizer, emissions, seconds, len(audio) / sample_rate)
 
 
-def diarizer_runner(
-    mode: str, embedder: Embedder, light: DiarizerConfig, overrides: Sequence[str] = (), chunk_s: float = 0.5
+def configured_runner(
+    mode: str, embedder: Embedder, overrides: Sequence[str] = (), chunk_s: float = 0.5
 ) -> tuple[Callable[[np.ndarray], StreamRun] | None, DiarizerConfig | OverlapConfig]:
-    """(runner, config) of the diarizer `mode` for `eval diarize` / `bench diarize`; runner None means the
-    light diarizer (the caller's `run_stream`). `overrides` are NAME=VALUE settings of the segmentation
-    diarizer (OverlapConfig fields)."""
+    """(runner, config) of the diarizer `eval diarize` / `bench diarize` measure, built as the stage
+    builds it: `mode` or SPEAKERFLOW_DIARIZER, with the settings' values for this embedder's family;
+    runner None means the light diarizer (the caller's `run_stream`). `overrides` are NAME=VALUE
+    settings of the segmentation diarizer (OverlapConfig fields), applied last."""
+    from speakerflow.streams.settings import Settings
+    from speakerflow.streams.stages.diarize import diarizer_config, segmentation_config
+
+    settings = Settings.from_env()
+    mode = mode or settings.diarizer
     if mode == "light":
-        return None, light
+        return None, diarizer_config(settings, embedder.name)
     if mode != "segmentation":
         raise ValueError(f"diarizer {mode!r}: choose 'light' or 'segmentation'")
     from speakerflow.processors.segmentation import Segmenter
 
     values = dict(item.split("=", 1) for item in overrides)
-    config = overlap_config(latency_s=light.latency_s, overrides=values, embedder=embedder.name)
+    config = segmentation_config(settings, embedder.name, values)
     segmenter = Segmenter()
     config.check_grid(segmenter.grid)
     runner = partial(
         run_overlap_stream, config=config, segment=segmenter, embed=embedder.embed, chunk_s=chunk_s
     )
     return runner, config
-
-
-def configured_runner(
-    mode: str, embedder: Embedder, overrides: Sequence[str] = (), chunk_s: float = 0.5
-) -> tuple[Callable[[np.ndarray], StreamRun] | None, DiarizerConfig | OverlapConfig]:
-    """`diarizer_runner` as the stage would run it: `mode` or SPEAKERFLOW_DIARIZER, the light
-    diarizer's settings for this embedder's family and SPEAKERFLOW_SEGMENTATION_HOP_S (an explicit
-    `hop_s=` override wins)."""
-    from speakerflow.streams.settings import Settings
-    from speakerflow.streams.stages.diarize import diarizer_config
-
-    settings = Settings.from_env()
-    light = diarizer_config(settings, embedder.name)
-    overrides = [f"hop_s={settings.segmentation_hop_s}", *overrides]
-    return diarizer_runner(mode or settings.diarizer, embedder, light, overrides, chunk_s)
