@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from confluent_kafka import Message, TopicPartition
@@ -89,6 +91,18 @@ def segmentation_config(
     latency and window step, then `overrides` (field -> value, e.g. from `eval diarize --set`)."""
     values = {"hop_s": str(settings.segmentation_hop_s), **(overrides or {})}
     return overlap_config(settings.latency_s, values, family or settings.embedder)
+
+
+def _by_stream(
+    pairs: Sequence[tuple[StreamState, Any]], rows: Sequence[np.ndarray]
+) -> list[tuple[StreamState, list[Any], list[np.ndarray]]]:
+    """A shared batch's items and their result rows, split back per stream (in order)."""
+    groups: dict[str, tuple[StreamState, list[Any], list[np.ndarray]]] = {}
+    for (state, item), row in zip(pairs, rows, strict=True):
+        group = groups.setdefault(state.stream_id, (state, [], []))
+        group[1].append(item)
+        group[2].append(row)
+    return list(groups.values())
 
 
 def segment_id(stream_id: str, update: TurnUpdate) -> str:
@@ -350,12 +364,7 @@ class DiarizeProcessor(Processor):
         for first in range(0, len(pending), SEGMENT_BATCH):
             batch = pending[first : first + SEGMENT_BATCH]
             activity = self.segmenter(np.stack([chunk.samples for _, chunk in batch]))
-            by_stream: dict[str, tuple[StreamState, list[Chunk], list[np.ndarray]]] = {}
-            for (state, chunk), probs in zip(batch, activity, strict=True):
-                entry = by_stream.setdefault(state.stream_id, (state, [], []))
-                entry[1].append(chunk)
-                entry[2].append(probs)
-            for state, chunks, probs in by_stream.values():
+            for state, chunks, probs in _by_stream(batch, activity):
                 out += [(state, s) for s in state.diarizer.add_segmentation(chunks, np.stack(probs))]
         self.metrics.inc("segmentation.windows", len(pending))
         return out
@@ -366,12 +375,7 @@ class DiarizeProcessor(Processor):
         if pending:
             embeddings = self.embedder.embed([w.samples for _, w in pending])
             self.metrics.inc("windows", len(pending))
-            by_stream: dict[str, tuple[StreamState, list[Window], list[np.ndarray]]] = {}
-            for (state, window), emb in zip(pending, embeddings, strict=True):
-                entry = by_stream.setdefault(state.stream_id, (state, [], []))
-                entry[1].append(window)
-                entry[2].append(emb)
-            for state, windows, embs in by_stream.values():
+            for state, windows, embs in _by_stream(pending, embeddings):
                 self._emit(state, state.diarizer.add_embeddings(windows, np.stack(embs)), publisher)
         for state in list(self.streams.values()):
             if not state.ended:
