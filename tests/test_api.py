@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 
@@ -14,14 +13,12 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-import uvicorn
 import websockets
+from processes import serving_gateway
 
 from speakerflow.evaluation.corpus import by_speaker, load_manifest
 from speakerflow.evaluation.scenario import librispeech_scenario
 from speakerflow.processors.audio import encode_pcm
-from speakerflow.streams.api import create_app
-from speakerflow.streams.broker import free_port
 from speakerflow.streams.database import scratch_database
 from speakerflow.streams.worker import Worker
 
@@ -47,29 +44,19 @@ def stack(broker, pg_server, ge2e, shared_data, tmp_path_factory) -> Iterator[di
     with scratch_database(pg_server, "speakerflow_api", migrated=False) as url:
         worker = Worker(settings, database_url=url, embedder=ge2e)
         worker.start()
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings, url), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        client = httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "secret-key"}, timeout=120
-        )
-        yield {
-            "client": client,
-            "port": port,
-            "settings": settings,
-            "url": url,
-            "worker": worker,
-            "scenario": librispeech_scenario(shared_data, turns=5),
-        }
-        client.close()
-        server.should_exit = True
-        thread.join(timeout=10)
+        with serving_gateway(settings, url) as port:
+            client = httpx.Client(
+                base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "secret-key"}, timeout=120
+            )
+            yield {
+                "client": client,
+                "port": port,
+                "settings": settings,
+                "url": url,
+                "worker": worker,
+                "scenario": librispeech_scenario(shared_data, turns=5),
+            }
+            client.close()
         worker.stop()
 
 

@@ -10,8 +10,6 @@ import asyncio
 import io
 import json
 import logging
-import threading
-import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -20,15 +18,14 @@ import numpy as np
 import psycopg
 import pytest
 import soundfile as sf
-import uvicorn
 import websockets
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis.errors import Unsatisfiable
+from processes import serving_gateway
 
 from speakerflow.processors.audio import AudioTooLong, decode_file
 from speakerflow.streams import queries
-from speakerflow.streams.api import create_app
 from speakerflow.streams.broker import free_port
 from speakerflow.streams.client import follow
 from speakerflow.streams.database import scratch_database
@@ -37,19 +34,6 @@ from speakerflow.streams.topology import AUDIO, create_topics
 pytestmark = pytest.mark.integration
 
 ADMIN, CLIENT = "admin-key-123", "client-key-456"
-
-
-def serve(settings, database_url: str) -> tuple[uvicorn.Server, threading.Thread, int]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, database_url), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return server, thread, port
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +52,20 @@ def gateway(broker, pg_server, tmp_path_factory) -> Iterator[dict]:
                 queries.UPSERT_SPEAKER,
                 ("victim", "Victim", "m", 2, [1.0, 0.0], 1, 10.0, "{}", "2026-01-01T00:00:00Z"),
             )
-        server, thread, port = serve(settings, url)
-        base = f"http://127.0.0.1:{port}"
-        admin = httpx.Client(base_url=base, headers={"X-API-Key": ADMIN}, timeout=60)
-        client = httpx.Client(base_url=base, headers={"X-API-Key": CLIENT}, timeout=60)
-        yield {"admin": admin, "client": client, "port": port, "settings": settings, "url": url, "base": base}
-        admin.close()
-        client.close()
-        server.should_exit = True
-        thread.join(timeout=10)
+        with serving_gateway(settings, url) as port:
+            base = f"http://127.0.0.1:{port}"
+            admin = httpx.Client(base_url=base, headers={"X-API-Key": ADMIN}, timeout=60)
+            client = httpx.Client(base_url=base, headers={"X-API-Key": CLIENT}, timeout=60)
+            yield {
+                "admin": admin,
+                "client": client,
+                "port": port,
+                "settings": settings,
+                "url": url,
+                "base": base,
+            }
+            admin.close()
+            client.close()
 
 
 def wav(seconds: float, rate: int = 16000) -> bytes:
@@ -179,13 +168,9 @@ def test_upload_too_large_for_one_record_is_413(gateway):
 
 def test_database_outage_is_503_in_the_envelope(gateway):
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres?connect_timeout=2"
-    server, thread, port = serve(gateway["settings"], closed)
-    try:
+    with serving_gateway(gateway["settings"], closed) as port:
         response = httpx.get(f"http://127.0.0.1:{port}/speakers", headers={"X-API-Key": ADMIN}, timeout=30)
         assert error(response, 503) == "database_unavailable"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 async def _ws_close(uri: str, frames: list[str | bytes] = ()) -> tuple[int, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,9 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-import uvicorn
+from processes import serving_gateway
 
 from speakerflow.evaluation.corpus import Turn, build_conversation, by_speaker, load_audio, load_manifest
-from speakerflow.streams.api import create_app
-from speakerflow.streams.broker import free_port
 from speakerflow.streams.database import scratch_database
 from speakerflow.streams.settings import REPO_ROOT
 from speakerflow.streams.worker import Worker
@@ -90,19 +87,8 @@ def gateway(broker, pg_server, ge2e, tmp_path_factory) -> Iterator[dict]:
     with scratch_database(pg_server, "speakerflow_console", migrated=False) as url:
         worker = Worker(settings, database_url=url, embedder=ge2e)
         worker.start()
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings, url), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started, "the gateway did not start"
-        yield {"base": f"http://127.0.0.1:{port}", "url": url}
-        server.should_exit = True
-        thread.join(timeout=10)
+        with serving_gateway(settings, url) as port:
+            yield {"base": f"http://127.0.0.1:{port}", "url": url}
         worker.stop()
 
 
