@@ -2,7 +2,9 @@
 
 - `IncrementalClustering`: maps the local speakers of one window to global speakers, online (the diart
   recipe). Two local speakers of one window never get the same global speaker (cannot-link): the
-  assignment is a one-to-one Hungarian matching over cosine distance.
+  assignment is a one-to-one Hungarian matching over cosine distance. `rebase` replaces its centroids
+  with those of an offline pass over the history (live re-clustering); speakers the pass merged away are
+  retired (never matched again; their ids stay taken, so labels never change meaning).
 - `offline_assign`: the end-of-stream pass (the pyannote 3.1 recipe): every window's local-speaker
   embeddings clustered at once by centroid-linkage AHC with the count set by a distance threshold,
   then each window's local speakers matched one-to-one to the clusters (cannot-link again).
@@ -32,6 +34,9 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 1.0 - _unit(a) @ _unit(b).T
 
 
+_UNREACHABLE = 10.0  # a cosine distance no match accepts (Hungarian needs finite costs)
+
+
 @dataclass
 class IncrementalClustering:
     """Online local -> global speaker mapping with centroids (sums of member embeddings).
@@ -48,10 +53,18 @@ class IncrementalClustering:
     delta_new: float = 0.3
     max_speakers: int = 20
     centres: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    retired: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     @property
     def count(self) -> int:
         return len(self.centres)
+
+    def _distance(self, embeddings: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Cosine distance to the centroids `ids` (all by default); retired ones are out of reach."""
+        ids = np.arange(self.count) if ids is None else ids
+        distance = cosine_distance(embeddings, self.centres[ids])
+        distance[:, self.retired[ids]] = _UNREACHABLE
+        return distance
 
     def assign(
         self, embeddings: np.ndarray, valid: np.ndarray, activity: np.ndarray, clean: np.ndarray | None = None
@@ -72,9 +85,10 @@ class IncrementalClustering:
         candidates = np.flatnonzero(active & clean)
         self._assign_clean(embeddings, candidates, long, mapping)
         if len(mixed) and self.count:
-            free = np.array([g for g in range(self.count) if g not in set(mapping.tolist())], np.int64)
+            used = set(mapping.tolist())
+            free = np.array([g for g in range(self.count) if g not in used and not self.retired[g]], np.int64)
             if len(free):
-                distance = cosine_distance(embeddings[mixed], self.centres[free])
+                distance = self._distance(embeddings[mixed], free)
                 for r, c in zip(*linear_sum_assignment(distance), strict=True):
                     if distance[r, c] <= self.delta_new:
                         mapping[mixed[r]] = free[c]
@@ -90,7 +104,7 @@ class IncrementalClustering:
             for k in candidates[long[candidates]]:
                 mapping[k] = self._add(embeddings[k])
             return
-        distance = cosine_distance(embeddings[candidates], self.centres)
+        distance = self._distance(embeddings[candidates])
         rows, cols = linear_sum_assignment(distance)
         for r, c in zip(rows, cols, strict=True):
             if distance[r, c] <= self.delta_new:
@@ -103,7 +117,7 @@ class IncrementalClustering:
                 mapping[k] = self._add(embeddings[k])
                 continue
             used = set(mapping[mapping >= 0].tolist())
-            free = [g for g in np.argsort(distance[row]) if g not in used]
+            free = [g for g in np.argsort(distance[row]) if g not in used and not self.retired[g]]
             if free:
                 mapping[k] = free[0]
         for k in matched:
@@ -112,13 +126,28 @@ class IncrementalClustering:
 
     def _add(self, embedding: np.ndarray) -> int:
         self.centres = np.vstack([self.centres, np.asarray(embedding, np.float64)[None]])
+        self.retired = np.append(self.retired, False)
         return self.count - 1
 
+    def rebase(self, centres: dict[int, np.ndarray]) -> None:
+        """Centroids (sums of member embeddings) from an offline pass, keyed by global id: ids not in
+        `centres` are retired, ids past the current count are added (with every id below them)."""
+        count = max(self.count, max(centres, default=-1) + 1)
+        dim = len(next(iter(centres.values()))) if centres else self.centres.shape[1]
+        grown = np.zeros((count, dim))
+        grown[: self.count] = self.centres
+        retired = np.ones(count, bool)
+        for gid, centre in centres.items():
+            grown[gid], retired[gid] = centre, False
+        self.centres, self.retired = grown, retired
+
     def state(self) -> dict[str, np.ndarray]:
-        return {"centres": self.centres.copy()}
+        return {"centres": self.centres.copy(), "retired": self.retired.copy()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.centres = np.asarray(state["centres"], np.float64)
+        # snapshots from before live re-clustering have no retired ids
+        self.retired = np.asarray(state.get("retired", np.zeros(len(self.centres), bool)), bool)
 
 
 def offline_assign(
@@ -127,6 +156,7 @@ def offline_assign(
     threshold: float,
     min_cluster_size: int = 1,
     clean: np.ndarray | None = None,
+    max_items: int = 0,
 ) -> np.ndarray:
     """Cluster id of each local-speaker embedding; `owners[i]` is the window embedding i comes from.
 
@@ -134,7 +164,9 @@ def offline_assign(
     clusters with fewer than `min_cluster_size` members join the closest larger one; then within each
     window the members are matched one-to-one to cluster centroids (two local speakers of a window never
     share a cluster). `clean`: embeddings of frames without overlap; only those are clustered, the
-    others join a cluster left free in their window (after the clean ones have chosen).
+    others join a cluster left free in their window (after the clean ones have chosen). `max_items` > 0:
+    AHC (quadratic in memory and time) sees at most that many clean embeddings, an even stride through
+    them, with `min_cluster_size` scaled alike; every embedding is still assigned.
     """
     n = len(embeddings)
     if n == 0:
@@ -144,6 +176,9 @@ def offline_assign(
     if not clean.any():
         clean = np.ones(n, bool)
     basis = unit[clean]
+    if 0 < max_items < len(basis):
+        min_cluster_size = max(1, round(min_cluster_size * max_items / len(basis)))
+        basis = basis[np.linspace(0, len(basis) - 1, max_items).round().astype(np.int64)]
     if len(basis) == 1:
         labels = np.zeros(1, np.int64)
     else:

@@ -21,6 +21,11 @@ final once its speaker has been silent for more than `max_gap_s`. Provisional tu
 committed frames into the audio the clustered windows already cover (open turns extended, new voices as
 tentative turns), so a new voice is labelled about a hop after it starts; committed frames decide, and
 a tentative turn that no committed turn replaces by the end is closed as an empty final segment.
+Live re-clustering: every `recluster_every_s` of audio, the local speakers of every window so far are
+re-clustered offline (the end-of-stream algorithm below) and the online centroids replaced by that
+result, aligned to the live labels (a speaker the pass merges into another is retired, a speaker it
+splits off gets a new label); windows whose frames are not committed yet take the new labels. Online
+matching alone cannot undo an early merge or split; this lets later labels follow the better clusters.
 A turn's embedding is the normalised mean of the local-speaker embeddings mapped to its speaker while
 it was open (or just before it opened); `window_count` counts them (0: none, e.g. a speaker only
 heard in overlap).
@@ -75,6 +80,8 @@ class OverlapConfig:
     max_gap_s: float = 0.1  # tuned: longest silence inside one turn
     offline_threshold: float = 0.6  # tuned: centroid-linkage AHC cut (euclidean distance of unit vectors)
     min_cluster_size: int = 8  # tuned (see the notes): smaller offline clusters join the closest larger one
+    recluster_every_s: float = 10.0  # tuned: live re-clustering period in audio seconds (0: never)
+    max_cluster_items: int = 1000  # most local-speaker embeddings one offline AHC sees (cost is quadratic)
     max_speakers: int = 20
     sample_rate: int = 16000
     # segmentation-3.0's frame grid (checked against the model by the caller, see `check_grid`)
@@ -342,6 +349,54 @@ class SegmentationDiarizer:
         self._mapping.append(mapping)
         for k in np.flatnonzero(valid & (mapping >= 0)):
             self._give_embedding(int(mapping[k]), embeddings[k].astype(np.float64))
+        every = round(self.config.recluster_every_s / self.config.hop_s)
+        if every > 0 and self.window_count % every == 0:
+            self._recluster()
+
+    def _offline_clusters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(window ids, local ids, offline cluster ids aligned to the live labels, embeddings) of every
+        active local speaker so far."""
+        cfg = self.config
+        valid = np.stack(self._valid)
+        activity_peak = np.stack([a.max(axis=0) for a in self._activity]).astype(np.float32)
+        chunk_ids, local_ids = np.nonzero(valid & (activity_peak >= cfg.tau_active))
+        embeddings = np.stack(self._embeddings)[chunk_ids, local_ids].astype(np.float32)
+        clean = np.stack(self._clean)[chunk_ids, local_ids]
+        clusters = offline_assign(
+            embeddings, chunk_ids, cfg.offline_threshold, cfg.min_cluster_size, clean, cfg.max_cluster_items
+        )
+        live = np.stack(self._mapping)[chunk_ids, local_ids]
+        named = _align(clusters, live, first_free=self.clustering.count)
+        return chunk_ids, local_ids, named, embeddings
+
+    def _recluster(self) -> None:
+        """Live re-clustering (module docstring): new centroids, and new labels for the windows that
+        still cover uncommitted frames."""
+        chunk_ids, local_ids, named, embeddings = self._offline_clusters()
+        if not len(named):
+            return
+        # A speaker the online pass opened only lately has too few windows for the offline cut to judge
+        # (it would fold them into a bigger cluster): it keeps its label, windows and centroid.
+        live = np.stack(self._mapping)[chunk_ids, local_ids]
+        sizes = np.bincount(live[live >= 0], minlength=max(self.clustering.count, 1))
+        young = (live >= 0) & (sizes[np.maximum(live, 0)] < self.config.min_cluster_size)
+        named = np.where(young, live, named)
+        clean = np.stack(self._clean)[chunk_ids, local_ids]
+        unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        centres = {int(g): self.clustering.centres[g] for g in np.unique(live[young])}
+        for label in np.unique(named[(named >= 0) & ~young]):
+            members = named == label
+            chosen = members & clean if (members & clean).any() else members
+            centres.setdefault(int(label), unit[chosen].astype(np.float64).sum(axis=0))
+        self.clustering.rebase(centres)
+        first_open = self._committed * self.config.frame_step
+        for window in range(self.window_count):
+            if self._starts[window] + self.config.window_samples <= first_open:
+                continue
+            mapping = np.full(LOCAL_SPEAKERS, -1, np.int64)
+            rows = chunk_ids == window
+            mapping[local_ids[rows]] = named[rows]
+            self._mapping[window] = mapping
 
     def _give_embedding(self, label: int, embedding: np.ndarray) -> None:
         turn = self._turns.get(label)
@@ -496,21 +551,10 @@ class SegmentationDiarizer:
         if not self.window_count:
             return []
         cfg = self.config
-        valid = np.stack(self._valid)
         embeddings = np.stack(self._embeddings).astype(np.float32)
         activity = np.stack(self._activity).astype(np.float32)
-        active = valid & (activity.max(axis=1) >= cfg.tau_active)
-        chunk_ids, local_ids = np.nonzero(active)
-        clusters = offline_assign(
-            embeddings[chunk_ids, local_ids],
-            chunk_ids,
-            cfg.offline_threshold,
-            cfg.min_cluster_size,
-            clean=np.stack(self._clean)[chunk_ids, local_ids],
-        )
-        live = np.stack(self._mapping)[chunk_ids, local_ids]
-        named = _align(clusters, live, first_free=self.clustering.count)
-        mapping = np.full(valid.shape, -1, np.int64)
+        chunk_ids, local_ids, named, _ = self._offline_clusters()
+        mapping = np.full((self.window_count, LOCAL_SPEAKERS), -1, np.int64)
         mapping[chunk_ids, local_ids] = named
         speakers = int(mapping.max(initial=-1)) + 1
         frames = math.ceil(self._total / cfg.frame_step)
@@ -568,6 +612,7 @@ class SegmentationDiarizer:
         arrays = self._rows(windows_from, self.window_count)
         arrays["audio"] = self._audio
         arrays["centres"] = self.clustering.centres
+        arrays["retired"] = self.clustering.retired
         arrays["turn_sums"] = _stack([t.emb_sum for t in self._turns.values()])
         arrays["carry_sums"] = _stack([total for total, _ in self._carry.values()])
         buffer = io.BytesIO()
@@ -627,7 +672,7 @@ class SegmentationDiarizer:
         ):
             for part in parts:
                 target.extend(part[key].tolist() if key == "w_start" else list(part[key]))
-        self.clustering.load_state({"centres": arrays["centres"]})
+        self.clustering.load_state({k: arrays[k] for k in ("centres", "retired") if k in arrays})
         for (index, label, start, end, count), total in zip(
             scalars["turns"], arrays["turn_sums"], strict=True
         ):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -96,8 +98,82 @@ def test_cannot_link_two_local_speakers_never_share_a_global_one() -> None:
         assert len(members) and len(set(members.tolist())) == len(members)
 
 
-def test_snapshot_restore_continues_identically(mix, segmenter, ge2e) -> None:
-    config = OverlapConfig()
+def synthetic_stream(config: OverlapConfig, seconds: float, voice_of) -> list:
+    """Drive a diarizer without models: one local speaker talks through every window (probability 0.9),
+    and its embedding is `voice_of(window centre in seconds)` plus a little noise. Returns every update."""
+    rng = np.random.default_rng(0)
+    diarizer = SegmentationDiarizer(config)
+    grid = config.grid
+    frames = (config.window_samples - grid.size) // grid.step + 1
+    activity = np.zeros((frames, 3), np.float32)
+    activity[:, 0] = 0.9
+    updates = []
+
+    def process(chunks):
+        speakers = diarizer.add_segmentation(
+            chunks, np.stack([activity] * len(chunks)) if chunks else activity[None][:0]
+        )
+        centres = [
+            (s.chunk * config.hop_samples + config.hop_samples - config.window_samples / 2) / RATE
+            for s in speakers
+        ]
+        embeddings = (
+            np.stack([voice_of(t) + 0.05 * rng.standard_normal(8) for t in centres])
+            if speakers
+            else np.zeros((0, 8))
+        )
+        updates.extend(diarizer.add_embeddings(speakers, embeddings.astype(np.float32)))
+
+    step = config.hop_samples
+    for _ in range(0, int(seconds * RATE), step):
+        process(diarizer.push_audio(np.zeros(step, np.float32)))
+    process(diarizer.end_audio())
+    return updates + diarizer.finish()
+
+
+def test_live_reclustering_splits_two_voices_the_online_pass_merged() -> None:
+    voice_a, voice_b = np.eye(8)[0], np.eye(8)[1]
+
+    def voice_of(t: float) -> np.ndarray:
+        return voice_a if t < 20 else voice_b
+
+    # delta_new 1.5: online matching accepts any centroid, so B is merged into A's speaker
+    merged = OverlapConfig(delta_new=1.5, recluster_every_s=0.0)
+    assert {u.label for u in synthetic_stream(merged, 40, voice_of) if u.end_s > u.start_s} == {"SPEAKER_00"}
+    repaired = synthetic_stream(replace(merged, recluster_every_s=5.0), 40, voice_of)
+    final = sorted((u for u in repaired if u.is_final and u.end_s > u.start_s), key=lambda u: u.start_s)
+    # committed labels never change: A keeps SPEAKER_00 (and B's first seconds, committed before a
+    # re-clustering had enough of B to split it off); from then on B has a label of its own
+    assert [u.label for u in final] == ["SPEAKER_00", "SPEAKER_01"]
+    assert final[0].start_s == 0 and 20 < final[1].start_s < 31 and final[1].end_s > 39
+
+
+def test_live_reclustering_before_any_speaker_was_opened_online() -> None:
+    """Local speakers too faint to open a speaker online (mean activity under rho_update) are all the
+    history holds when the first re-clustering runs: it opens one for them, and the stream is labelled."""
+    config = OverlapConfig(rho_update=0.95, recluster_every_s=2.0)
+    updates = synthetic_stream(config, 8, lambda t: np.eye(8)[0])
+    last = {u.turn_index: u for u in updates if u.end_s > u.start_s}
+    assert last and all(u.is_final for u in last.values())
+    assert synthetic_stream(replace(config, recluster_every_s=0.0), 8, lambda t: np.eye(8)[0]) == []
+
+
+def test_a_retired_speaker_is_never_matched_again() -> None:
+    clustering = IncrementalClustering(delta_new=0.5)
+    voices = np.eye(4)[:2]
+    clustering.assign(voices, np.ones(2, bool), np.full((10, 2), 0.9))
+    clustering.rebase({0: voices[0] * 3})  # an offline pass found speaker 1 to be speaker 0
+    assert clustering.retired.tolist() == [False, True]
+    again = clustering.assign(voices[1:], np.ones(1, bool), np.full((10, 1), 0.9))
+    assert again.tolist() == [2]  # a new speaker, not the retired id
+    copy = IncrementalClustering()
+    copy.load_state(clustering.state())
+    assert copy.retired.tolist() == clustering.retired.tolist()
+
+
+@pytest.mark.parametrize("recluster_every_s", [10.0, 2.0])  # 2 s: live re-clustering before the cut too
+def test_snapshot_restore_continues_identically(mix, segmenter, ge2e, recluster_every_s) -> None:
+    config = OverlapConfig(recluster_every_s=recluster_every_s)
     whole = SegmentationDiarizer(config)
     expected = feed(whole, mix, segmenter, ge2e.embed)
     first = SegmentationDiarizer(config)
