@@ -31,6 +31,20 @@ def run_overlap_stream(
 ) -> StreamRun:
     """Feed `audio` chunk by chunk; `segment` maps (windows, samples) to (windows, frames, 3)."""
     diarizer = SegmentationDiarizer(config)
+    emissions, seconds = feed_overlap_stream(diarizer, audio, segment, embed, chunk_s, sample_rate)
+    return finish_run(diarizer, emissions, seconds, len(audio) / sample_rate)
+
+
+def feed_overlap_stream(
+    diarizer: SegmentationDiarizer,
+    audio: np.ndarray,
+    segment: Callable[[np.ndarray], np.ndarray],
+    embed: Callable[[list[np.ndarray]], np.ndarray],
+    chunk_s: float = 0.5,
+    sample_rate: int = 16000,
+) -> tuple[list[Emission], dict[str, float]]:
+    """The whole of `audio` through `diarizer` up to its end of audio (not `finish`): (emissions, seconds
+    per compute step), one segmentation batch and one embedding batch per chunk."""
     step = max(int(chunk_s * sample_rate), 1)
     seconds = dict.fromkeys(STEPS, 0.0)
     emissions: list[Emission] = []
@@ -53,7 +67,7 @@ def run_overlap_stream(
     for start in range(0, len(audio), step):
         process(diarizer.push_audio(audio[start : start + step]))
     process(diarizer.end_audio())
-    return finish_run(diarizer, emissions, seconds, len(audio) / sample_rate)
+    return emissions, seconds
 
 
 def configured_runner(

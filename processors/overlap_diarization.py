@@ -550,14 +550,26 @@ class SegmentationDiarizer:
         """Offline re-clustering of every window's local speakers: a complete final labelling."""
         if not self.window_count:
             return []
-        cfg = self.config
-        embeddings = np.stack(self._embeddings).astype(np.float32)
-        activity = np.stack(self._activity).astype(np.float32)
         chunk_ids, local_ids, named, _ = self._offline_clusters()
         mapping = np.full((self.window_count, LOCAL_SPEAKERS), -1, np.int64)
         mapping[chunk_ids, local_ids] = named
+        return self.labelling(mapping, revision)
+
+    def windows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first sample (windows,), speaker probabilities (windows, frames, 3), embedded (windows, 3)) of
+        every clustered window: what an evaluation needs to map local speakers its own way."""
+        if not self.window_count:
+            empty = np.zeros((0, LOCAL_SPEAKERS))
+            return np.zeros(0, np.int64), empty[:, None], empty.astype(bool)
+        return np.asarray(self._starts), np.stack(self._activity).astype(np.float32), np.stack(self._valid)
+
+    def labelling(self, mapping: np.ndarray, revision: int = 1) -> list[TurnUpdate]:
+        """Final segments of the whole stream when local speaker k of window c is global speaker
+        `mapping[c, k]` (-1: none): the revision's mapping, or an evaluation's (e.g. an oracle's)."""
+        activity = np.stack(self._activity).astype(np.float32)
+        embeddings = np.stack(self._embeddings).astype(np.float32)
         speakers = int(mapping.max(initial=-1)) + 1
-        frames = math.ceil(self._total / cfg.frame_step)
+        frames = math.ceil(self._total / self.config.frame_step)
         labels = reconstruct(np.asarray(self._starts), activity, mapping, self.agg, 0, frames, speakers)
         return self._segments(labels, mapping, embeddings, revision)
 

@@ -248,3 +248,23 @@ def test_the_window_step_comes_from_the_settings_and_keeps_the_tuned_values() ->
     assert (default.hop_s, packed.hop_s) == (0.5, 1.0)
     assert packed.delta_new == default.delta_new == overlap_config(embedder="campplus").delta_new
     assert segmentation_config(Settings.from_env({}), "campplus", {"hop_s": "0.25"}).hop_s == 0.25
+
+
+def test_the_oracle_floor_labels_each_voice_with_its_reference_speaker(mix, segmenter, ge2e) -> None:
+    """evaluation/segmentation_floor.py: local speakers mapped to the reference speaker they overlap most;
+    on the two-voice clip that gives A alone, both in the overlap, B alone (speech pauses aside)."""
+    from pyannote.core import Annotation, Segment
+
+    from speakerflow.evaluation.segmentation_floor import oracle_mapping
+
+    reference = Annotation()
+    reference[Segment(0, A_END)] = "A"
+    reference[Segment(B_AT, END)] = "B"
+    diarizer = SegmentationDiarizer(OverlapConfig())
+    feed(diarizer, mix, segmenter, ge2e.embed)
+    segments = diarizer.labelling(oracle_mapping(diarizer, reference, ["A", "B"]))
+    names = {"SPEAKER_00": "A", "SPEAKER_01": "B"}
+    for lo, hi, expected in ((1.0, 5.5, {"A"}), (7.0, 9.5, {"A", "B"}), (11.0, 15.0, {"B"})):
+        heard = [{names[label] for label in frame} for frame in labels_in(segments, lo, hi)]
+        assert np.mean([frame <= expected for frame in heard]) > 0.95, (lo, hi, heard)  # nobody else
+        assert np.mean([frame == expected for frame in heard]) > 0.6, (lo, hi, heard)  # pauses aside
