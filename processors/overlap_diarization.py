@@ -34,8 +34,8 @@ End of stream: `finish()` commits everything, and `revise()` re-clusters every w
 offline and rebuilds the whole labelling (revision 1), with labels aligned to the live ones.
 
 `snapshot()` / `restore()` serialise the whole state; a restored diarizer continues exactly as the
-original would have. Windows before `windows_from` can be kept outside the snapshot as immutable
-`window_rows` blocks, as the light diarizer does.
+original would have. Windows before `windows_from` (at most `stable_windows`) can be kept outside the
+snapshot as immutable `window_rows` blocks, as the light diarizer does.
 """
 
 from __future__ import annotations
@@ -210,6 +210,15 @@ class SegmentationDiarizer:
     @property
     def window_count(self) -> int:
         return len(self._starts)
+
+    @property
+    def stable_windows(self) -> int:
+        """Leading windows that can no longer change: every frame they cover is committed (live
+        re-clustering relabels only windows that still cover uncommitted frames). Only these may go
+        into immutable `window_rows` blocks."""
+        first_open = self._committed * self.config.frame_step
+        ends = np.asarray(self._starts, np.int64) + self.config.window_samples
+        return int(np.searchsorted(ends, first_open, side="right"))
 
     @property
     def committed_s(self) -> float:
@@ -389,10 +398,7 @@ class SegmentationDiarizer:
             chosen = members & clean if (members & clean).any() else members
             centres.setdefault(int(label), unit[chosen].astype(np.float64).sum(axis=0))
         self.clustering.rebase(centres)
-        first_open = self._committed * self.config.frame_step
-        for window in range(self.window_count):
-            if self._starts[window] + self.config.window_samples <= first_open:
-                continue
+        for window in range(self.stable_windows, self.window_count):
             mapping = np.full(LOCAL_SPEAKERS, -1, np.int64)
             rows = chunk_ids == window
             mapping[local_ids[rows]] = named[rows]

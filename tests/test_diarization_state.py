@@ -10,6 +10,7 @@ import pytest
 
 from speakerflow.evaluation.corpus import load_manifest
 from speakerflow.evaluation.simulation import SimulationConfig, simulate
+from speakerflow.processors.overlap_diarization import SegmentationDiarizer
 from speakerflow.schemas import codec
 from speakerflow.streams.client import play_audio
 from speakerflow.streams.runtime import Metrics, Publisher, consume_available, group_consumer
@@ -63,8 +64,15 @@ def _final_view(segments: list[dict]) -> dict[str, tuple]:
     }
 
 
-def test_stream_survives_a_crashed_worker(settings, ge2e, shared_data: Path) -> None:
-    settings = replace(settings, partitions=1, state_every_s=4.0)
+@pytest.mark.parametrize("diarizer", ["light", "segmentation"])
+def test_stream_survives_a_crashed_worker(
+    settings, ge2e, shared_data: Path, diarizer: str, monkeypatch
+) -> None:
+    # segmentation mode: window blocks hold only settled windows, since live re-clustering (every 10 s)
+    # relabels the windows that still cover uncommitted frames; blocks of 8 windows (4 s) so that the
+    # restored state is made of several
+    monkeypatch.setattr(SegmentationDiarizer, "rows_per_block", 8)
+    settings = replace(settings, partitions=1, state_every_s=4.0, diarizer=diarizer)
     create_topics(settings)
     config = SimulationConfig(speakers=(3, 3), minutes=1.0, file_minutes=1.0, split="tune", seed=11)
     audio = next(simulate(load_manifest(shared_data), config)).audio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -98,7 +99,7 @@ def test_cannot_link_two_local_speakers_never_share_a_global_one() -> None:
         assert len(members) and len(set(members.tolist())) == len(members)
 
 
-def synthetic_stream(config: OverlapConfig, seconds: float, voice_of) -> list:
+def synthetic_stream(config: OverlapConfig, seconds: float, voice_of, on_step=None) -> list:
     """Drive a diarizer without models: one local speaker talks through every window (probability 0.9),
     and its embedding is `voice_of(window centre in seconds)` plus a little noise. Returns every update."""
     rng = np.random.default_rng(0)
@@ -123,6 +124,8 @@ def synthetic_stream(config: OverlapConfig, seconds: float, voice_of) -> list:
             else np.zeros((0, 8))
         )
         updates.extend(diarizer.add_embeddings(speakers, embeddings.astype(np.float32)))
+        if on_step is not None:
+            on_step(diarizer)
 
     step = config.hop_samples
     for _ in range(0, int(seconds * RATE), step):
@@ -146,6 +149,25 @@ def test_live_reclustering_splits_two_voices_the_online_pass_merged() -> None:
     # re-clustering had enough of B to split it off); from then on B has a label of its own
     assert [u.label for u in final] == ["SPEAKER_00", "SPEAKER_01"]
     assert final[0].start_s == 0 and 20 < final[1].start_s < 31 and final[1].end_s > 39
+
+
+def test_stable_windows_never_change_but_later_ones_may() -> None:
+    """Only windows up to `stable_windows` may go into immutable snapshot blocks: live re-clustering
+    relabels the windows after them (here: B's first windows, once B is split off A)."""
+    seen: list[tuple[int, int, np.ndarray]] = []
+
+    def record(diarizer) -> None:
+        with np.load(io.BytesIO(diarizer.window_rows(0, diarizer.window_count))) as rows:
+            seen.append((diarizer.stable_windows, diarizer.window_count, rows["w_mapping"]))
+
+    config = OverlapConfig(delta_new=1.5, recluster_every_s=5.0)
+    synthetic_stream(config, 40, lambda t: np.eye(8)[0] if t < 20 else np.eye(8)[1], on_step=record)
+    final = seen[-1][2]
+    changed_later = False
+    for stable, count, mapping in seen:
+        assert np.array_equal(mapping[:stable], final[:stable])
+        changed_later |= not np.array_equal(mapping[stable:count], final[stable:count])
+    assert changed_later
 
 
 def test_live_reclustering_before_any_speaker_was_opened_online() -> None:
@@ -180,6 +202,7 @@ def test_snapshot_restore_continues_identically(mix, segmenter, ge2e, recluster_
     cut = int(9.0 * RATE)
     before = feed(first, mix, segmenter, ge2e.embed, stop=cut)
     split = first.window_count // 2
+    assert 0 < split <= first.stable_windows < first.window_count  # blocks hold only settled windows
     restored = SegmentationDiarizer.restore(first.snapshot(windows_from=split), [first.window_rows(0, split)])
     after = feed(restored, mix, segmenter, ge2e.embed, start=cut)
     got = before + after

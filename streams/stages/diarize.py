@@ -347,7 +347,8 @@ class DiarizeProcessor(Processor):
 
     def _save(self, state: StreamState) -> None:
         size = getattr(state.diarizer, "rows_per_block", WINDOW_BLOCK)
-        full = state.diarizer.window_count // size
+        # a block is immutable: only windows that can no longer change go into one
+        full = getattr(state.diarizer, "stable_windows", state.diarizer.window_count) // size
         for block in range(state.saved_blocks, full):
             rows = state.diarizer.window_rows(block * size, (block + 1) * size)
             self.store.save_block(state, block, rows)
