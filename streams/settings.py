@@ -101,9 +101,10 @@ class Settings:
     # --- Diarization -------------------------------------------------------------------------------
     diarizer: str = _env(
         "SPEAKERFLOW_DIARIZER",
-        "light",
-        "`light` (VAD + embedding windows, one label at a time) or `segmentation` (pyannote "
-        "segmentation-3.0 + per-speaker embeddings: overlapped speech gets two labels).",
+        "segmentation",
+        "`segmentation` (default: pyannote segmentation-3.0 + per-speaker embeddings, overlapped speech "
+        "gets two labels) or `light` (VAD + embedding windows, one label at a time; about 3x the live "
+        "streams per core).",
     )
     window_s: float = _env("SPEAKERFLOW_WINDOW_S", 1.5, "Embedding window length (seconds).")
     hop_s: float = _env("SPEAKERFLOW_HOP_S", 0.5, "Hop between windows (seconds).")

@@ -37,7 +37,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 @pytest.fixture
 def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     """Settings on the embedded broker with topics and groups of their own, so tests never interfere."""
-    # SPEAKERFLOW_DIARIZER picks the diarize stage's mode for the whole suite (light unless set)
+    # SPEAKERFLOW_DIARIZER picks the diarize stage's mode for the suite's workers: light unless set, so
+    # that the many broker tests stay quick on 2 cores; the segmentation mode (the product default) has
+    # its own tests (test_overlap_diarization) and runs in the crash/restore test and `make demo`
     diarizer = os.environ.get("SPEAKERFLOW_DIARIZER", "light")
     return broker.run_settings(tmp_path, shared_data_dir=str(SHARED_DATA), diarizer=diarizer)
 
