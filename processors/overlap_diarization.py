@@ -385,10 +385,14 @@ class SegmentationDiarizer:
         if not len(named):
             return
         # A speaker the online pass opened only lately has too few windows for the offline cut to judge
-        # (it would fold them into a bigger cluster): it keeps its label, windows and centroid.
+        # (it would fold them into a bigger cluster): it keeps its label, windows and centroid. (A retired
+        # speaker's few old windows do not bring it back.)
         live = np.stack(self._mapping)[chunk_ids, local_ids]
-        sizes = np.bincount(live[live >= 0], minlength=max(self.clustering.count, 1))
-        young = (live >= 0) & (sizes[np.maximum(live, 0)] < self.config.min_cluster_size)
+        labelled = live >= 0
+        sizes = np.bincount(live[labelled], minlength=self.clustering.count)
+        young = np.zeros(len(live), bool)
+        labels = live[labelled]
+        young[labelled] = (sizes[labels] < self.config.min_cluster_size) & ~self.clustering.retired[labels]
         named = np.where(young, live, named)
         clean = np.stack(self._clean)[chunk_ids, local_ids]
         unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
