@@ -46,7 +46,7 @@ def oracle_mapping(diarizer: SegmentationDiarizer, reference: Annotation, labels
     """(windows, 3) reference speaker index per local speaker: the one whose speech its active frames
     cover most, matched one-to-one within each window (cannot-link, as the real clustering)."""
     cfg = diarizer.config
-    starts, activity, _ = diarizer.windows()
+    starts, activity = diarizer.windows()
     frames = math.ceil(diarizer.audio_s * cfg.sample_rate / cfg.frame_step)
     truth = reference_frames(reference, labels, frames, diarizer.frame_s)
     mapping = np.full(activity.shape[::2], -1, np.int64)

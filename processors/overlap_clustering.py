@@ -150,6 +150,18 @@ class IncrementalClustering:
         self.retired = np.asarray(state.get("retired", np.zeros(len(self.centres), bool)), bool)
 
 
+def cluster_sums(embeddings: np.ndarray, labels: np.ndarray, clean: np.ndarray) -> dict[int, np.ndarray]:
+    """Per cluster id >= 0: the sum of its members' unit embeddings, over its clean members where it has
+    any (the form `IncrementalClustering` keeps its centroids in)."""
+    unit = _unit(embeddings)
+    out = {}
+    for label in np.unique(labels[labels >= 0]):
+        members = labels == label
+        chosen = members & clean if (members & clean).any() else members
+        out[int(label)] = unit[chosen].sum(axis=0)
+    return out
+
+
 def offline_assign(
     embeddings: np.ndarray,
     owners: np.ndarray,

@@ -45,6 +45,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -53,6 +54,7 @@ from speakerflow.processors.diarization import TurnUpdate, label_name
 from speakerflow.processors.overlap_clustering import (
     Aggregation,
     IncrementalClustering,
+    cluster_sums,
     offline_assign,
     reconstruct,
 )
@@ -143,6 +145,17 @@ class LocalSpeaker:
     speaker: int  # local speaker 0..2
     samples: np.ndarray  # the audio to embed
     clean: bool  # from frames where the speaker talks alone (else from all its frames, overlap included)
+
+
+class _History(NamedTuple):
+    """Every active local speaker of the windows so far (one row each), for the offline passes."""
+
+    chunk_ids: np.ndarray  # window of each row
+    local_ids: np.ndarray  # local speaker (0..2) in that window
+    embeddings: np.ndarray  # (rows, dim)
+    clean: np.ndarray  # embedding of frames without overlap
+    live: np.ndarray  # live global speaker (-1: none)
+    named: np.ndarray  # offline cluster, renamed to the live labels it shares most rows with
 
 
 @dataclass
@@ -362,9 +375,8 @@ class SegmentationDiarizer:
         if every > 0 and self.window_count % every == 0:
             self._recluster()
 
-    def _offline_clusters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(window ids, local ids, offline cluster ids aligned to the live labels, embeddings) of every
-        active local speaker so far."""
+    def _offline_clusters(self) -> _History:
+        """Every active local speaker so far, with its offline cluster aligned to the live labels."""
         cfg = self.config
         valid = np.stack(self._valid)
         activity_peak = np.stack([a.max(axis=0) for a in self._activity]).astype(np.float32)
@@ -376,36 +388,31 @@ class SegmentationDiarizer:
         )
         live = np.stack(self._mapping)[chunk_ids, local_ids]
         named = _align(clusters, live, first_free=self.clustering.count)
-        return chunk_ids, local_ids, named, embeddings
+        return _History(chunk_ids, local_ids, embeddings, clean, live, named)
 
     def _recluster(self) -> None:
         """Live re-clustering (module docstring): new centroids, and new labels for the windows that
         still cover uncommitted frames."""
-        chunk_ids, local_ids, named, embeddings = self._offline_clusters()
-        if not len(named):
+        history = self._offline_clusters()
+        live = history.live
+        if not len(live):
             return
         # A speaker the online pass opened only lately has too few windows for the offline cut to judge
         # (it would fold them into a bigger cluster): it keeps its label, windows and centroid. (A retired
         # speaker's few old windows do not bring it back.)
-        live = np.stack(self._mapping)[chunk_ids, local_ids]
         labelled = live >= 0
         sizes = np.bincount(live[labelled], minlength=self.clustering.count)
         young = np.zeros(len(live), bool)
         labels = live[labelled]
         young[labelled] = (sizes[labels] < self.config.min_cluster_size) & ~self.clustering.retired[labels]
-        named = np.where(young, live, named)
-        clean = np.stack(self._clean)[chunk_ids, local_ids]
-        unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-        centres = {int(g): self.clustering.centres[g] for g in np.unique(live[young])}
-        for label in np.unique(named[(named >= 0) & ~young]):
-            members = named == label
-            chosen = members & clean if (members & clean).any() else members
-            centres.setdefault(int(label), unit[chosen].astype(np.float64).sum(axis=0))
+        named = np.where(young, live, history.named)
+        centres = cluster_sums(history.embeddings, named, history.clean)
+        centres.update({int(g): self.clustering.centres[g] for g in np.unique(live[young])})
         self.clustering.rebase(centres)
         for window in range(self.stable_windows, self.window_count):
             mapping = np.full(LOCAL_SPEAKERS, -1, np.int64)
-            rows = chunk_ids == window
-            mapping[local_ids[rows]] = named[rows]
+            rows = history.chunk_ids == window
+            mapping[history.local_ids[rows]] = named[rows]
             self._mapping[window] = mapping
 
     def _give_embedding(self, label: int, embedding: np.ndarray) -> None:
@@ -560,18 +567,17 @@ class SegmentationDiarizer:
         """Offline re-clustering of every window's local speakers: a complete final labelling."""
         if not self.window_count:
             return []
-        chunk_ids, local_ids, named, _ = self._offline_clusters()
+        history = self._offline_clusters()
         mapping = np.full((self.window_count, LOCAL_SPEAKERS), -1, np.int64)
-        mapping[chunk_ids, local_ids] = named
+        mapping[history.chunk_ids, history.local_ids] = history.named
         return self.labelling(mapping, revision)
 
-    def windows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(first sample (windows,), speaker probabilities (windows, frames, 3), embedded (windows, 3)) of
-        every clustered window: what an evaluation needs to map local speakers its own way."""
+    def windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first sample (windows,), speaker probabilities (windows, frames, 3)) of every clustered window:
+        what an evaluation needs to map local speakers its own way."""
         if not self.window_count:
-            empty = np.zeros((0, LOCAL_SPEAKERS))
-            return np.zeros(0, np.int64), empty[:, None], empty.astype(bool)
-        return np.asarray(self._starts), np.stack(self._activity).astype(np.float32), np.stack(self._valid)
+            return np.zeros(0, np.int64), np.zeros((0, 0, LOCAL_SPEAKERS), np.float32)
+        return np.asarray(self._starts), np.stack(self._activity).astype(np.float32)
 
     def labelling(self, mapping: np.ndarray, revision: int = 1) -> list[TurnUpdate]:
         """Final segments of the whole stream when local speaker k of window c is global speaker
